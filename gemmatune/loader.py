@@ -1,0 +1,148 @@
+"""Load Gemma 4 for QLoRA: 4-bit NF4 language model, PLE table on the CPU, right dtype.
+
+`load_model` returns `(model, tokenizer)` for text work. For a text-only fine-tune of a
+multimodal checkpoint (every Gemma 4 E-series checkpoint is one) it builds the language
+model alone, `Gemma4ForCausalLM`, and maps the checkpoint's `model.language_model.*` keys
+onto it: without that mapping transformers silently leaves the weights random. The vision
+and audio towers are never built, so they cost no memory.
+"""
+import torch
+from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
+from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
+
+from gemmatune import ple
+from gemmatune.patching import patch_model
+from gemmatune.tiny import TINY_MODEL_ID, tiny_model_dir
+
+LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model."}
+
+# Kept in the compute dtype: embeddings/LM head (a row lookup and the fused loss read them
+# directly) and the towers (small, and sensitive to 4-bit error).
+NOT_QUANTIZED = ["lm_head", "embed_tokens", "embed_tokens_per_layer", "vision_tower", "audio_tower",
+                 "embed_vision", "embed_audio"]
+
+
+class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
+    """Gemma4ForCausalLM whose per-layer-embedding table stays in CPU memory (see ple.py)."""
+
+    # The towers of a multimodal checkpoint are not built for text-only work.
+    _keys_to_ignore_on_load_unexpected = [r"^model\.(vision_tower|audio_tower|embed_vision|embed_audio)\."]
+
+    def __init__(self, config):
+        super().__init__(config)
+        ple.use_host_embedding(self.model)
+        self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight",
+                                                   *type(self)._keys_to_ignore_on_load_unexpected}
+
+
+class Gemma4ForConditionalGenerationHostPLE(hf_gemma4.Gemma4ForConditionalGeneration):
+    """Gemma4ForConditionalGeneration whose per-layer-embedding table stays in CPU memory."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        ple.use_host_embedding(self.model.language_model)
+        self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight"}
+
+
+def resolve_model_id(model_id: str) -> str:
+    """The embedded tiny model answers to TINY_MODEL_ID; everything else goes to the hub/disk."""
+    return str(tiny_model_dir()) if model_id == TINY_MODEL_ID else model_id
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype, device: torch.device) -> tuple[torch.dtype, str]:
+    """The compute dtype and the reason for it (printed, so nobody has to guess)."""
+    if dtype not in (None, "auto"):
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return dtype, "as requested"
+    if device.type != "cuda":
+        return torch.float32, "CPU: float32 (bf16/fp16 matmuls are slow or inexact on CPUs)"
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16, f"{torch.cuda.get_device_name(device)} supports bfloat16"
+    return torch.float16, f"{torch.cuda.get_device_name(device)} has no bfloat16 (e.g. a T4): float16"
+
+
+def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=torch.uint8,
+        llm_int8_skip_modules=NOT_QUANTIZED,
+    )
+
+
+def load_model(
+    model_id: str = "google/gemma-4-E2B-it",
+    max_seq_length: int = 2048,
+    load_in_4bit: bool = True,
+    dtype="auto",
+    modalities: tuple[str, ...] = ("text",),
+    offload_per_layer_embeddings: bool = True,
+    use_kernels: bool = True,
+    device: str | None = None,
+    verbose: bool = True,
+    **hub_kwargs,
+):
+    """Load a Gemma 4 checkpoint for LoRA/QLoRA fine-tuning.
+
+    Returns (model, tokenizer). `model_id` is a hub id, a local folder, or
+    `gemmatune.TINY_MODEL_ID` for the embedded tiny model (no network needed).
+    """
+    path = resolve_model_id(model_id)
+    target = pick_device(device)
+    compute_dtype, why_dtype = pick_dtype(dtype, target)
+    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    text_only = tuple(modalities) == ("text",)
+    model_cls, load_kwargs = _model_class_and_kwargs(config, text_only, offload_per_layer_embeddings)
+    if load_in_4bit:
+        load_kwargs["quantization_config"] = quantization_config(compute_dtype)
+    model = model_cls.from_pretrained(path, dtype=compute_dtype, device_map={"": target}, **load_kwargs,
+                                      **hub_kwargs)
+    for module in model.modules():
+        if isinstance(module, ple.HostEmbedding):
+            ple.load_host_table(module, path, compute_dtype, **hub_kwargs)
+    model.config.use_cache = False  # training default; chat() turns the cache on for generation
+    model.gemmatune_max_seq_length = max_seq_length
+    patch_model(model, use_kernels=use_kernels)
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    if verbose:
+        print(describe_model(model, compute_dtype, why_dtype, load_in_4bit))
+    return model, tokenizer
+
+
+def _model_class_and_kwargs(config, text_only: bool, offload_ple: bool):
+    """Which class to build and how to map the checkpoint's keys onto it."""
+    is_multimodal = config.model_type == "gemma4"
+    if text_only:
+        cls = Gemma4ForCausalLMHostPLE if offload_ple else hf_gemma4.Gemma4ForCausalLM
+        if is_multimodal:  # the language model alone, with the checkpoint's keys mapped onto it
+            return cls, {"config": config.get_text_config(), "key_mapping": LANGUAGE_MODEL_KEYS}
+        return cls, {}
+    if not is_multimodal:
+        raise ValueError("image/audio fine-tuning needs a multimodal Gemma 4 checkpoint (model_type 'gemma4'), "
+                         f"got model_type={config.model_type!r}: load it with modalities=('text',)")
+    cls = Gemma4ForConditionalGenerationHostPLE if offload_ple else hf_gemma4.Gemma4ForConditionalGeneration
+    return cls, {}
+
+
+def describe_model(model, compute_dtype, why_dtype: str, load_in_4bit: bool) -> str:
+    """The derived facts a user wants at load time: what is quantised, where, in which dtype."""
+    import bitsandbytes as bnb
+
+    n_4bit = sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    params = sum(p.numel() for p in model.parameters())
+    host = [m for m in model.modules() if isinstance(m, ple.HostEmbedding)]
+    lines = [
+        f"gemmatune: {type(model).__name__.replace('HostPLE', '')} with {params / 1e6:,.1f} M parameters on the "
+        f"{'GPU' if next(model.parameters()).is_cuda else 'CPU'}",
+        f"  compute dtype {str(compute_dtype).replace('torch.', '')}: {why_dtype}",
+        f"  4-bit NF4 + double quantisation: {n_4bit} linear layers" if load_in_4bit else "  no quantisation",
+    ]
+    for m in host:
+        lines.append(f"  per-layer embeddings in CPU memory: {m.num_embeddings * m.embedding_dim / 1e6:,.1f} M "
+                     f"parameters ({m.table.numel() * m.table.element_size() / 2**30:.2f} GiB) kept off the GPU")
+    return "\n".join(lines)

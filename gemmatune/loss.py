@@ -1,0 +1,50 @@
+"""The training loss: next-token cross-entropy over label tokens, logits never materialised.
+
+Gemma 4's head is `softcap * tanh(h @ W.T / softcap)` over a 262144-token vocabulary: at
+2048 tokens the logits alone are 1 GiB in bf16 and the softcap makes copies. We run the
+decoder to its last hidden state and hand it to the fused linear cross-entropy kernel.
+
+The loss is a *sum* divided by `normalizer`, the number of label tokens in the whole
+optimizer step (all gradient-accumulation micro-batches): averaging per micro-batch
+instead would weight a token in a short batch more than one in a long batch.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels[t] -> the token to predict at position t (shift left, pad with IGNORE_INDEX)."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def count_label_tokens(batches) -> int:
+    """How many tokens are trained across micro-batches: the loss normaliser for one step."""
+    return int(sum((shifted_labels(b["labels"]) != IGNORE_INDEX).sum() for b in batches))
+
+
+def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool = True) -> torch.Tensor:
+    """sum of token losses in `batch` / `normalizer`, via the fused kernel or plain PyTorch."""
+    base = unwrap(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state
+    labels = shifted_labels(batch["labels"]).to(hidden.device)
+    softcap = base.config.get_text_config().final_logit_softcapping
+    weight = base.lm_head.weight
+    if fused:
+        from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy
+
+        return fused_linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(), softcap=softcap,
+                                          ignore_index=IGNORE_INDEX, normalizer=normalizer)
+    logits = base.lm_head(hidden).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / normalizer

@@ -1,0 +1,174 @@
+"""The training loop: reads top to bottom, nanoGPT style.
+
+One optimizer step = `grad_accum` micro-batches. All micro-batches of a step are fetched
+first so the loss can be divided by the label-token count of the whole step (see loss.py):
+then batch 4 and batch 1 x 4 accumulation give the same gradients.
+
+Everything needed to resume lives in `TrainState` (saved with each checkpoint). Ctrl-C /
+the notebook's stop button saves the adapter before returning: training is never lost.
+"""
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemmatune.dashboard import make_dashboard
+from gemmatune.data import collate
+from gemmatune.loss import causal_lm_loss, count_label_tokens
+from gemmatune.patching import enable_gradient_checkpointing
+from gemmatune.saving import save_adapter, save_checkpoint, load_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 60            # optimizer steps
+    batch_size: int = 2            # rows per micro-batch
+    grad_accum: int = 4            # micro-batches per optimizer step
+    learning_rate: float = 2e-4
+    lr_schedule: str = "linear"    # "linear" | "cosine" | "constant", after warmup
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0     # gradient clipping (0 = off)
+    optimizer: str = "adamw_8bit"  # "adamw_8bit" (bitsandbytes) | "adamw" (torch)
+    gradient_checkpointing: str = "offload"  # "offload" (inputs to CPU) | "on" | "off"
+    fused_loss: bool = True        # fused linear cross-entropy (never materialises logits)
+    seed: int = 3407
+    output_dir: str = "outputs"
+    save_every: int = 0            # checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2
+    dashboard: str = "auto"        # "auto" | "widget" | "text" | "off"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens_trained: int = 0
+    losses: list = field(default_factory=list)
+    rng: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    status: str                    # "done" | "interrupted"
+    state: TrainState
+    adapter_dir: str
+    summary: object = None
+
+    @property
+    def losses(self) -> list:
+        return self.state.losses
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then linear/cosine decay to zero (or constant)."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    if config.lr_schedule == "cosine":
+        return config.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    if config.lr_schedule == "linear":
+        return config.learning_rate * (1 - progress)
+    return config.learning_rate
+
+
+def make_optimizer(model, config: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters: call gemmatune.add_lora(model) first")
+    if config.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    raise ValueError(f"optimizer {config.optimizer!r}: use 'adamw_8bit' or 'adamw'")
+
+
+def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int):
+    """Endless shuffled micro-batches; each epoch reshuffles with its own seed."""
+    epoch = 0
+    while True:
+        order = list(range(len(dataset)))
+        random.Random(epoch_seed + epoch).shuffle(order)
+        for i in range(0, len(order), config.batch_size):
+            yield collate([dataset[j] for j in order[i:i + config.batch_size]], pad_token_id)
+        epoch += 1
+
+
+def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, resume_from: str | None = None,
+          **overrides) -> TrainResult:
+    """Fine-tune the LoRA adapters of `model` on `dataset` (from gemmatune.prepare_dataset)."""
+    config = config or TrainConfig()
+    config = TrainConfig(**{**asdict(config), **overrides})
+    torch.manual_seed(config.seed)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
+    optimizer = make_optimizer(model, config)
+    state = load_checkpoint(resume_from, model, optimizer) if resume_from else TrainState()
+    batches = micro_batches(dataset, config, pad_id, config.seed)
+    for _ in range(state.step * config.grad_accum):  # replay the data order when resuming
+        next(batches)
+    enable_gradient_checkpointing(model, config.gradient_checkpointing)
+    model.train()
+    print(describe_run(model, dataset, config, device))
+
+    dash = make_dashboard(config.max_steps, title="gemmatune: fine-tuning", mode=config.dashboard)
+    status = "done"
+    try:
+        while state.step < config.max_steps:
+            lr = learning_rate_at(state.step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_batches = [next(batches) for _ in range(config.grad_accum)]
+            n_tokens = count_label_tokens(step_batches)
+            loss_sum = torch.zeros((), device=device)
+            for batch in step_batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                loss = causal_lm_loss(model, batch, normalizer=max(n_tokens, 1), fused=config.fused_loss)
+                loss.backward()
+                loss_sum += loss.detach()
+            grad_norm = _clip(model, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_trained += n_tokens
+            state.losses.append(loss_sum.item())  # the GPU finishes the step here
+            dash.update(state.step, state.losses[-1], lr, n_tokens, grad_norm)
+            if config.save_every and state.step % config.save_every == 0 and state.step < config.max_steps:
+                path = save_checkpoint(model, tokenizer, optimizer, state, config.output_dir, config.keep_checkpoints)
+                dash.note(f"checkpoint saved to {path}")
+    except KeyboardInterrupt:
+        status = "interrupted"
+    adapter_dir = save_adapter(model, tokenizer, Path(config.output_dir) / "adapter")
+    if status == "interrupted":
+        dash.note(f"interrupted at step {state.step}: adapter saved to {adapter_dir}")
+    else:
+        dash.note(f"adapter saved to {adapter_dir}")
+    summary = dash.close(status)
+    model.eval()
+    return TrainResult(status=status, state=state, adapter_dir=str(adapter_dir), summary=summary)
+
+
+def _clip(model, max_norm: float) -> float | None:
+    if not max_norm:
+        return None
+    params = [p for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def describe_run(model, dataset, config: TrainConfig, device) -> str:
+    """The derived numbers, printed before the first step."""
+    rows_per_step = config.batch_size * config.grad_accum
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return "\n".join([
+        f"gemmatune: training {trainable:,} LoRA parameters on {device} for {config.max_steps} steps",
+        f"  {rows_per_step} rows per step = batch {config.batch_size} x {config.grad_accum} accumulation; "
+        f"{len(dataset)} rows = {len(dataset) / rows_per_step:.1f} steps per epoch",
+        f"  lr {config.learning_rate:g}, {config.warmup_steps} warmup steps then {config.lr_schedule}; "
+        f"optimizer {config.optimizer}; clip {config.max_grad_norm}",
+        f"  gradient checkpointing: {config.gradient_checkpointing}; fused loss: {config.fused_loss}; "
+        f"checkpoints in {config.output_dir}",
+    ])
