@@ -1,0 +1,232 @@
+"""Fused LM head + final-logit softcap + cross-entropy that never materialises N x V logits.
+
+Math, per token row h (length H) with label y, LM head W (V x H), softcap s, normalizer M:
+
+    z   = W h                               raw logits, V of them
+    c   = s * tanh(z / s)                   Gemma's final-logit softcap (c = z when s is None)
+    lse = log sum_j exp(c_j)
+    loss = (1 / M) * sum over rows with y != ignore_index of (lse - c_y)
+
+    d loss / d c_j = (softmax(c)_j - [j == y]) / M           (0 for ignored rows)
+    d loss / d z_j = d loss / d c_j * (1 - tanh(z_j / s)^2)
+    d loss / d h   = (d loss / d z) W           d loss / d W = sum over rows of (d loss / d z)^T h
+
+M is the number of label tokens across all gradient-accumulation micro-batches (passed by the
+caller) or, by default, the non-ignored labels of this call; when M is 0 the loss and all
+gradients are 0, never NaN.
+
+How: tokens go in chunks whose logits fit `memory_budget_mib` (at V = 262144 in bf16, 256 MiB
+is 512 rows: 4 chunks for 2048 tokens). Per chunk, cuBLAS computes z = h W^T in the input
+dtype into a reused buffer; one Triton kernel then makes two passes over V per row: an online
+max/sum-exp for lse and the loss, then it overwrites the buffer in place with d loss / d z.
+Two more matmuls give d h (and d W, only if W requires grad). Gradients are thus computed in
+the forward, as Liger Kernel does; the backward only multiplies them by grad_output.
+
+References: Wijmans et al. 2024, "Cut your losses in large-vocabulary language models"
+(chunked/fused CE); Liger Kernel's fused_linear_cross_entropy and cross_entropy (gradient in
+the forward, in place over the logits); Milakov & Gimelshein 2018 (online softmax);
+transformers' Gemma4ForCausalLM.forward (softcap as tanh(z / s) * s, loss on fp32 logits).
+
+Precision plan: the logits z and the gradient d loss / d z are stored in the input dtype
+(the buffer cuBLAS writes; storing them in fp32 would double the memory of a chunk). Inside
+the kernel everything is fp32: softcap, tanh (from exp: 1 - tanh^2 is computed as
+4e/(1+e)^2, without cancellation), max, sum-exp, lse and the per-row loss; the loss is summed
+over rows in fp32. d W accumulates in an fp32 (V x H) buffer across chunks (in half dtypes
+each chunk's product is formed in slices of at most memory_budget_mib). softcap is recomputed
+in the second pass instead of stored. Known limit: in fp16, probabilities below ~6e-8 * M
+flush to zero when the scaled gradient is stored (eager PyTorch in fp16 loses them too).
+Labels outside [0, V) other than ignore_index are not checked (that would cost a host sync).
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._backend import use_triton
+
+MAX_BLOCK_V = 4096  # vocabulary slice per step of the loop over V
+
+
+@triton.jit
+def _tanh_and_sech2(x):
+    """(tanh(x), 1 - tanh(x)^2) from one exp, stable for any finite x."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t), 4.0 * e / ((1.0 + e) * (1.0 + e))
+
+
+@triton.jit
+def _ce_loss_and_grad_kernel(
+    logits_ptr, logits_row_stride, labels_ptr, loss_ptr, scale_ptr, n_rows, n_cols, softcap, ignore_index,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row_mask = rows < n_rows
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (labels != ignore_index)
+    row_ptrs = logits_ptr + rows * logits_row_stride
+
+    # Pass 1: online max and sum of exp over the softcapped logits -> lse.
+    m = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    d = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        col_mask = cols < n_cols
+        z = tl.load(row_ptrs[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t, _ = _tanh_and_sech2(z / softcap)
+            z = softcap * t
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(d)
+
+    # The label's (softcapped) logit and the per-row loss.
+    safe_labels = tl.where(valid, labels, 0)
+    z_label = tl.load(row_ptrs + safe_labels, mask=valid, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        t_label, _ = _tanh_and_sech2(z_label / softcap)
+        z_label = softcap * t_label
+    tl.store(loss_ptr + rows, tl.where(valid, lse - z_label, 0.0), mask=row_mask)
+
+    # Pass 2: overwrite the logits with d loss / d z = (softmax - onehot) * (1 - tanh^2) / M.
+    scale = tl.load(scale_ptr)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        z = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            t, sech2 = _tanh_and_sech2(z / softcap)
+            z = softcap * t
+        grad = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        if HAS_SOFTCAP:
+            grad = grad * sech2
+        grad = tl.where(valid[:, None], grad * scale, 0.0)
+        tl.store(row_ptrs[:, None] + cols[None, :], grad.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_inputs(hidden, weight, labels):
+    if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: hidden {tuple(hidden.shape)} does not match "
+                         f"weight {tuple(weight.shape)} (expected (V, H))")
+    if hidden.dtype != weight.dtype or hidden.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"fused_linear_cross_entropy: hidden {hidden.dtype} and weight {weight.dtype} must be "
+                         "the same dtype, one of fp32/fp16/bf16")
+    if labels.numel() != hidden.numel() // hidden.shape[-1] or labels.is_floating_point():
+        raise ValueError(f"fused_linear_cross_entropy: need one integer label per row, got {tuple(labels.shape)}")
+
+
+def _inverse_normalizer(labels, ignore_index, normalizer, device):
+    """1 / M as a 0-dim fp32 tensor on the device (0 when M is 0), without a host sync."""
+    if normalizer is None:
+        norm = (labels != ignore_index).sum().to(torch.float32)
+    else:
+        norm = torch.as_tensor(normalizer, dtype=torch.float32, device=device)
+    return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+
+
+def _add_grad_weight(grad_w, grad_logits, h_chunk, budget_bytes):
+    """grad_w (fp32) += grad_logits^T h_chunk; in half dtypes, in vocabulary slices of bounded size."""
+    if grad_logits.dtype == torch.float32:
+        grad_w.addmm_(grad_logits.t(), h_chunk)
+        return
+    vocab, hidden = grad_w.shape
+    step = max(1, int(budget_bytes // (hidden * grad_logits.element_size())))
+    for v0 in range(0, vocab, step):
+        grad_w[v0:v0 + step].add_(grad_logits[:, v0:v0 + step].t() @ h_chunk)
+
+
+def fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, normalizer, memory_budget_mib,
+                            need_grad_hidden, need_grad_weight):
+    """Returns (loss fp32 0-dim, d loss/d hidden or None, d loss/d weight or None)."""
+    _check_inputs(hidden, weight, labels)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    n_rows, vocab = h2.shape[0], weight.shape[0]
+    budget_bytes = memory_budget_mib * 2**20
+    chunk_rows = max(1, min(n_rows, int(budget_bytes // (vocab * h2.element_size()))))
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    # GPU: one row per program (a row is 0.5 MiB of bf16 logits at V = 262144). The interpreter
+    # pays per program, so there a program takes as many rows as fit 64Ki elements.
+    block_rows = 1 if h2.is_cuda else max(1, 65536 // block_v)
+    num_warps = 8 if block_v >= 2048 else 4
+
+    scale = _inverse_normalizer(labels, ignore_index, normalizer, h2.device)
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=h2.device)
+    logits_buf = torch.empty((chunk_rows, vocab), dtype=h2.dtype, device=h2.device)
+    grad_h = torch.empty_like(h2) if need_grad_hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h2.device) if need_grad_weight else None
+    for start in range(0, n_rows, chunk_rows):
+        end = min(n_rows, start + chunk_rows)
+        h_chunk, logits = h2[start:end], logits_buf[: end - start]
+        torch.mm(h_chunk, weight.t(), out=logits)
+        _ce_loss_and_grad_kernel[(triton.cdiv(end - start, block_rows),)](
+            logits, logits.stride(0), labels[start:end], loss_rows[start:end], scale,
+            end - start, vocab, 1.0 if softcap is None else float(softcap), ignore_index,
+            HAS_SOFTCAP=softcap is not None, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
+        )
+        grad_logits = logits  # overwritten in place by the kernel
+        if need_grad_hidden:
+            torch.mm(grad_logits, weight, out=grad_h[start:end])
+        if need_grad_weight:
+            _add_grad_weight(grad_w, grad_logits, h_chunk, budget_bytes)
+    loss = loss_rows.sum() * scale
+    if grad_h is not None:
+        grad_h = grad_h.view(hidden.shape)
+    if grad_w is not None:
+        grad_w = grad_w.to(weight.dtype)
+    return loss, grad_h, grad_w
+
+
+def fused_linear_ce_backward(grad_output, grad_h, grad_w):
+    """The gradients were computed in the forward; scale them by the incoming scalar gradient."""
+    grad_output = grad_output.to(torch.float32)  # multiplied in fp32: a bf16 grad_output would round
+    if grad_h is not None:
+        grad_h = (grad_h.float() * grad_output).to(grad_h.dtype)
+    if grad_w is not None:
+        grad_w = (grad_w.float() * grad_output).to(grad_w.dtype)
+    return grad_h, grad_w
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, ignore_index, normalizer, memory_budget_mib,
+                need_grad_hidden, need_grad_weight):
+        loss, grad_h, grad_w = fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, normalizer,
+                                                       memory_budget_mib, need_grad_hidden, need_grad_weight)
+        ctx.grad_h, ctx.grad_w = grad_h, grad_w  # not inputs or outputs: plain attributes are fine
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = fused_linear_ce_backward(grad_output, ctx.grad_h, ctx.grad_w)
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, labels, softcap=30.0, ignore_index=-100, normalizer=None):
+    """The plain computation: materialise the logits (matmul in the input dtype, then fp32), softcap,
+    summed cross-entropy, divided by the normalizer (0 when it is 0)."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    logits = (h2 @ weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    labels = labels.reshape(-1)
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    return loss_sum * _inverse_normalizer(labels, ignore_index, normalizer, h2.device)
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, softcap=30.0, ignore_index=-100, normalizer=None,
+                               memory_budget_mib=256):
+    """sum over non-ignored rows of CE(softcap * tanh(hidden @ weight.T / softcap), label) / normalizer.
+
+    hidden (N, H) or (B, S, H); weight the LM head (V, H); labels (N,) or (B, S), already shifted.
+    normalizer: float or 0-dim tensor (label tokens across all micro-batches); default: the
+    non-ignored labels here. softcap=None: no cap. Returns an fp32 scalar."""
+    if use_triton(hidden, weight, labels):
+        need_h = torch.is_grad_enabled() and hidden.requires_grad
+        need_w = torch.is_grad_enabled() and weight.requires_grad
+        return FusedLinearCrossEntropyFunction.apply(hidden, weight, labels, softcap, ignore_index, normalizer,
+                                                     memory_budget_mib, need_h, need_w)
+    return fused_linear_cross_entropy_reference(hidden, weight, labels, softcap, ignore_index, normalizer)
