@@ -1,0 +1,121 @@
+"""NF4 dequantisation: Triton and the PyTorch reference must equal bitsandbytes bit for bit.
+
+TRITON_INTERPRET is read when @triton.jit decorates a kernel (first import of the kernel
+module), so it is set here before that import, and only where there is no GPU.
+"""
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbF  # noqa: E402
+import pytest  # noqa: E402
+
+from gemmatune.kernels import nf4  # noqa: E402
+
+# Shapes bnb quantises: power-of-two and awkward ones, one with an odd element count (7*9 = 63:
+# the last byte holds a single value) and 333*200 (not a multiple of the blocksize).
+SHAPES = [(128, 64), (192, 320), (7, 9), (333, 200)]
+
+
+def _quantized(shape, dtype, blocksize, nested, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(shape, generator=g) * 0.05).to(device=device, dtype=dtype)
+    return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+
+
+# --------------------------------------------------------------------------- CPU tests
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_triton_bit_exact(shape, dtype, blocksize, nested):
+    packed, qs = _quantized(shape, dtype, blocksize, nested, seed=hash((shape, blocksize)) % 1000)
+    expected = bnbF.dequantize_4bit(packed, qs)
+    out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned: every element must be written
+    got = nf4.dequantize_nf4(packed, qs, out=out)
+    assert got is out
+    assert torch.equal(got, expected)
+    assert torch.equal(nf4.dequantize_nf4_forward(packed, qs), expected)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_triton_odd_sized_large_row_count(nested):
+    packed, qs = _quantized(SHAPES[3], torch.float32, 64, nested)
+    assert torch.equal(nf4.dequantize_nf4_forward(packed, qs), bnbF.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_reference_bit_exact(shape, dtype, blocksize, nested):
+    packed, qs = _quantized(shape, dtype, blocksize, nested)
+    assert torch.equal(nf4.dequantize_nf4_reference(packed, qs), bnbF.dequantize_4bit(packed, qs))
+
+
+def test_bf16_on_cpu_takes_reference():
+    """The interpreter rounds fp32 -> bf16 differently from PyTorch, so bf16 on CPU must not use it."""
+    packed, qs = _quantized((128, 64), torch.bfloat16, 64, True)
+    assert torch.equal(nf4.dequantize_nf4(packed, qs), bnbF.dequantize_4bit(packed, qs))
+
+
+def test_dtype_override_and_linear4bit_weight():
+    """A bnb Linear4bit's own Params4bit/QuantState plug in; dequantise straight to another dtype."""
+    layer = bnb.nn.Linear4bit(320, 192, bias=False, quant_type="nf4", compress_statistics=True,
+                              compute_dtype=torch.float32)
+    layer.weight.data.mul_(0.05)
+    layer = layer.to("cpu")  # quantises on the move
+    w, qs = layer.weight, layer.weight.quant_state
+    assert w.dtype == torch.uint8 and qs.nested
+    expected = bnbF.dequantize_4bit(w.data, qs)
+    assert torch.equal(nf4.dequantize_nf4(w.data, qs), expected)
+    got16 = nf4.dequantize_nf4(w.data, qs, dtype=torch.float16)
+    assert torch.equal(got16, expected.to(torch.float16))  # one rounding either way from fp32
+
+
+def test_refuses_bad_input():
+    packed, qs = _quantized((128, 64), torch.float32, 64, False)
+    with pytest.raises(ValueError, match="bytes"):
+        nf4.dequantize_nf4_forward(packed[:-1], qs)
+    with pytest.raises(ValueError, match="out must be"):
+        nf4.dequantize_nf4_forward(packed, qs, out=torch.empty(10))
+    p4, qs4 = bnbF.quantize_4bit(torch.randn(128, 64), quant_type="fp4")
+    with pytest.raises(ValueError, match="nf4"):
+        nf4.dequantize_nf4_forward(p4, qs4)
+
+
+# --------------------------------------------------------------------------- GPU tests
+def _log(record):
+    path = os.environ.get("GEMMATUNE_ERR_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# E2B: hidden 1536, intermediate 6144, 8 q heads x 256 (sliding) / x 512 (full).
+# E4B: hidden 2560, intermediate 10240, 8 q heads x 256 / x 512.
+GPU_SHAPES = [(2048, 1536), (4096, 1536), (1536, 2048), (6144, 1536), (1536, 6144),
+              (2048, 2560), (4096, 2560), (2560, 4096), (10240, 2560), (2560, 10240)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_bit_exact_vs_bnb_cuda(shape, dtype, blocksize, nested):
+    packed, qs = _quantized(shape, dtype, blocksize, nested, device="cuda")
+    expected = bnbF.dequantize_4bit(packed, qs)
+    out = torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    got = nf4.dequantize_nf4(packed, qs, out=out)
+    mismatches = (got != expected).sum().item()
+    _log(dict(test="dequantize_nf4", shape=list(shape), dtype=str(dtype), blocksize=blocksize, nested=nested,
+              mismatches=mismatches, rel_err_kernel=0.0 if mismatches == 0 else
+              ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()))
+    assert mismatches == 0
