@@ -361,7 +361,7 @@ class _WidgetView:
     def _build(self, d, cuda: bool) -> None:
         from matplotlib.figure import Figure  # not pyplot: nothing gets auto-displayed
         fig = self._fig = Figure(figsize=(7.2, 3.9 if cuda else 3.3), dpi=110, facecolor="white")
-        gs = fig.add_gridspec(2 if cuda else 1, 1, height_ratios=[7, 1] if cuda else [1], hspace=0.75,
+        gs = fig.add_gridspec(2 if cuda else 1, 1, height_ratios=[7, 1] if cuda else [1], hspace=0.6,
                               left=0.08, right=0.97, top=0.91, bottom=0.07 if cuda else 0.16)
         ax = self._ax = fig.add_subplot(gs[0])
         self._raw, = ax.plot([], [], color=ACCENT_LIGHT, lw=1.0, label="loss")
@@ -373,23 +373,20 @@ class _WidgetView:
         ax.set_title("training loss", loc="left", fontsize=10, fontweight="bold", color=INK)
         self._step_title = ax.set_title("", loc="right", fontsize=9, color=MUTED)
         ax.grid(axis="y", color=GRID, lw=0.8)
-        ax.set_axisbelow(True)
+        ax.set(axisbelow=True)
         ax.tick_params(colors=MUTED, labelsize=8)
-        for side, spine in ax.spines.items():
-            spine.set_visible(side in ("left", "bottom"))
-            spine.set_color("#d1d5db")
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.spines[["left", "bottom"]].set_color("#d1d5db")
         self._bars = None
         if not cuda:
             self._gauge_title = fig.text(0.08, 0.03, "", fontsize=9, color=MUTED)
             return
         g, total = fig.add_subplot(gs[1]), gpu_memory_stats().total_gib
-        self._bars = g.barh([0, 0, 0], [total, 0, 0], height=0.8, color=["#f3f4f6", RESERVED, ACCENT])
-        self._bars[1].set_label("reserved")
-        self._bars[2].set_label("allocated")
+        self._bars = [g.barh(0, w, height=0.8, color=c, label=lab)[0] for w, c, lab in
+                      ((total, "#f3f4f6", None), (0, RESERVED, "reserved"), (0, ACCENT, "allocated"))]
         self._peak, = g.plot([0, 0], [-0.55, 0.55], color=PEAK, lw=2, label="peak allocated")
         g.set(xlim=(0, total), ylim=(-0.6, 0.6), yticks=[])
-        for spine in g.spines.values():
-            spine.set_visible(False)
+        g.spines[:].set_visible(False)
         g.tick_params(colors=MUTED, labelsize=7, length=2)
         self._gauge_title = g.set_title("", loc="left", fontsize=9, color=INK)
         g.legend(frameon=False, fontsize=7, ncol=3, loc="lower right", bbox_to_anchor=(1, 1), borderaxespad=0.2)
