@@ -294,7 +294,6 @@ class _WidgetView:
     def close(self, d, summary):
         mem = gpu_memory_stats()
         self._refresh_text(d, mem)
-        self.plot.value = png = self.render_png(d)
         rows = "".join(f'<tr><td style="color:{MUTED};padding:2px 18px 2px 0;text-align:left">{k}</td>'
                        f'<td style="font-weight:600;text-align:left">{html.escape(v)}</td></tr>'
                        for k, v in summary.rows()[1:])
@@ -306,7 +305,9 @@ class _WidgetView:
             self._handle.update(static, raw=True)
         else:
             self.display(static, raw=True)
+        png = self.render_png(d)
         self.display({"image/png": base64.b64encode(png).decode(), "text/plain": "<loss curve>"}, raw=True)
+        self.plot.value, self.box.layout.display = b"", "none"  # in any frontend; and keeps .ipynb small
 
     def _refresh_text(self, d, m: MemoryStats) -> None:
         self.header.value = _header(d, _device(m))
