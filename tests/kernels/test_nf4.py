@@ -33,7 +33,7 @@ def _quantized(shape, dtype, blocksize, nested, device="cpu", seed=0):
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_triton_bit_exact(shape, dtype, blocksize, nested):
+def test_triton_bit_exact(poison_empty, shape, dtype, blocksize, nested):
     packed, qs = _quantized(shape, dtype, blocksize, nested, seed=hash((shape, blocksize)) % 1000)
     expected = bnbF.dequantize_4bit(packed, qs)
     out = torch.full(shape, float("nan"), dtype=dtype)  # poisoned: every element must be written

@@ -67,7 +67,7 @@ def _ulp_close(y, y_ref, h_ref, cos, sin, ulps):
     ("sliding_attention", 96, 200, 1, 1),      # non-power-of-two head dim, one token
     ("full_attention", 96, 200, 2, 5),
 ])
-def test_matches_transformers(dtype, layer_type, head_dim, global_head_dim, S, H):
+def test_matches_transformers(poison_empty, dtype, layer_type, head_dim, global_head_dim, S, H):
     cos, sin, norm = _rope_and_norm(head_dim, global_head_dim, layer_type, S, dtype)
     D = cos.shape[-1]
     torch.manual_seed(S * H + D)
