@@ -31,11 +31,14 @@ Precision plan: the logits z and the gradient d loss / d z are stored in the inp
 (the buffer cuBLAS writes; storing them in fp32 would double the memory of a chunk). Inside
 the kernel everything is fp32: softcap, tanh (from exp: 1 - tanh^2 is computed as
 4e/(1+e)^2, without cancellation), max, sum-exp, lse and the per-row loss; the loss is summed
-over rows in fp32. d W accumulates in an fp32 (V x H) buffer across chunks (in half dtypes
-each chunk's product is formed in slices of at most memory_budget_mib). softcap is recomputed
-in the second pass instead of stored. Known limit: in fp16, probabilities below ~6e-8 * M
-flush to zero when the scaled gradient is stored (eager PyTorch in fp16 loses them too).
-Labels outside [0, V) other than ignore_index are not checked (that would cost a host sync).
+over rows in fp32. softcap is recomputed in the second pass instead of stored. d W
+accumulates in an fp32 (V x H) buffer across chunks (half dtypes form each chunk's product in
+vocabulary slices of at most memory_budget_mib) and is kept in fp32 until the backward.
+fp16: softmax / M at V = 262144 lies far below fp16's smallest normal number, so the kernel
+stores d loss / d z times FP16_GRAD_SCALE instead of times 1 / M, and 1 / (M * FP16_GRAD_SCALE)
+is applied in fp32 in the backward together with grad_output (eager PyTorch rounds softmax / M
+to fp16 and loses those values unless a GradScaler is used). Labels outside [0, V) other than
+ignore_index are not checked (that would cost a host sync).
 """
 import torch
 import torch.nn.functional as F
@@ -45,6 +48,9 @@ import triton.language as tl
 from ._backend import use_triton
 
 MAX_BLOCK_V = 4096  # vocabulary slice per step of the loop over V
+# fp16 only: d loss / d z is stored times this instead of times 1/M. |d loss / d z| <= 1, so the
+# stored values stay below 256 and (d z) W below 512 * max|W|: no fp16 overflow for |W| < 128.
+FP16_GRAD_SCALE = 256.0
 
 
 @triton.jit
@@ -57,7 +63,7 @@ def _tanh_and_sech2(x):
 
 @triton.jit
 def _ce_loss_and_grad_kernel(
-    logits_ptr, logits_row_stride, labels_ptr, loss_ptr, scale_ptr, n_rows, n_cols, softcap, ignore_index,
+    logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad_scale_ptr, n_rows, n_cols, softcap, ignore_index,
     HAS_SOFTCAP: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
@@ -91,8 +97,8 @@ def _ce_loss_and_grad_kernel(
         z_label = softcap * t_label
     tl.store(loss_ptr + rows, tl.where(valid, lse - z_label, 0.0), mask=row_mask)
 
-    # Pass 2: overwrite the logits with d loss / d z = (softmax - onehot) * (1 - tanh^2) / M.
-    scale = tl.load(scale_ptr)
+    # Pass 2: overwrite the logits with d loss / d z = (softmax - onehot) * (1 - tanh^2) * grad_scale.
+    scale = tl.load(grad_scale_ptr)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
@@ -128,32 +134,53 @@ def _inverse_normalizer(labels, ignore_index, normalizer, device):
 
 
 def _add_grad_weight(grad_w, grad_logits, h_chunk, budget_bytes):
-    """grad_w (fp32) += grad_logits^T h_chunk; in half dtypes, in vocabulary slices of bounded size."""
+    """grad_w (fp32) += grad_logits^T h_chunk. Half dtypes go in vocabulary slices of bounded size:
+    bf16 products are formed by cuBLAS in bf16 (fp32 accumulate); fp16 ones in fp32, since the
+    fp16-scaled gradients times h could overflow fp16."""
     if grad_logits.dtype == torch.float32:
         grad_w.addmm_(grad_logits.t(), h_chunk)
         return
     vocab, hidden = grad_w.shape
-    step = max(1, int(budget_bytes // (hidden * grad_logits.element_size())))
+    step = max(1, int(budget_bytes // (max(hidden, grad_logits.shape[0]) * 4)))
+    h_f32 = h_chunk.float() if grad_logits.dtype == torch.float16 else None
     for v0 in range(0, vocab, step):
-        grad_w[v0:v0 + step].add_(grad_logits[:, v0:v0 + step].t() @ h_chunk)
+        g = grad_logits[:, v0:v0 + step]
+        if h_f32 is None:
+            grad_w[v0:v0 + step].add_(g.t() @ h_chunk)
+        else:
+            grad_w[v0:v0 + step].addmm_(g.t().float(), h_f32)
+
+
+def chunk_rows_for(n_rows: int, vocab: int, element_size: int, memory_budget_mib: float) -> int:
+    """Rows per chunk so that one chunk of logits fits the budget (at least 1, at most n_rows)."""
+    return max(1, min(n_rows, int(memory_budget_mib * 2**20 // (vocab * element_size))))
 
 
 def fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, normalizer, memory_budget_mib,
                             need_grad_hidden, need_grad_weight):
-    """Returns (loss fp32 0-dim, d loss/d hidden or None, d loss/d weight or None)."""
+    """Returns (loss fp32 0-dim, d hidden (in hidden.dtype) or None, d weight (fp32) or None, factor):
+    the gradients are d loss / d input divided by `factor` (a 0-dim fp32 tensor, 1 except in fp16),
+    which the backward multiplies back in fp32 together with grad_output."""
     _check_inputs(hidden, weight, labels)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
     n_rows, vocab = h2.shape[0], weight.shape[0]
     budget_bytes = memory_budget_mib * 2**20
-    chunk_rows = max(1, min(n_rows, int(budget_bytes // (vocab * h2.element_size()))))
+    chunk_rows = chunk_rows_for(n_rows, vocab, h2.element_size(), memory_budget_mib)
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     # GPU: one row per program (a row is 0.5 MiB of bf16 logits at V = 262144). The interpreter
     # pays per program, so there a program takes as many rows as fit 64Ki elements.
     block_rows = 1 if h2.is_cuda else max(1, 65536 // block_v)
     num_warps = 8 if block_v >= 2048 else 4
 
-    scale = _inverse_normalizer(labels, ignore_index, normalizer, h2.device)
+    inv_norm = _inverse_normalizer(labels, ignore_index, normalizer, h2.device)
+    if h2.dtype == torch.float16:
+        # softmax / M is mostly below fp16's smallest normal (6e-5) at V = 262144; store it
+        # times FP16_GRAD_SCALE instead and divide by that in fp32 in the backward.
+        grad_scale = torch.full((), FP16_GRAD_SCALE, dtype=torch.float32, device=h2.device)
+        factor = inv_norm / FP16_GRAD_SCALE
+    else:
+        grad_scale, factor = inv_norm, torch.ones((), dtype=torch.float32, device=h2.device)
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=h2.device)
     logits_buf = torch.empty((chunk_rows, vocab), dtype=h2.dtype, device=h2.device)
     grad_h = torch.empty_like(h2) if need_grad_hidden else None
@@ -163,7 +190,7 @@ def fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, norma
         h_chunk, logits = h2[start:end], logits_buf[: end - start]
         torch.mm(h_chunk, weight.t(), out=logits)
         _ce_loss_and_grad_kernel[(triton.cdiv(end - start, block_rows),)](
-            logits, logits.stride(0), labels[start:end], loss_rows[start:end], scale,
+            logits, logits.stride(0), labels[start:end], loss_rows[start:end], grad_scale,
             end - start, vocab, 1.0 if softcap is None else float(softcap), ignore_index,
             HAS_SOFTCAP=softcap is not None, BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=num_warps,
         )
@@ -172,21 +199,20 @@ def fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, norma
             torch.mm(grad_logits, weight, out=grad_h[start:end])
         if need_grad_weight:
             _add_grad_weight(grad_w, grad_logits, h_chunk, budget_bytes)
-    loss = loss_rows.sum() * scale
+    loss = loss_rows.sum() * inv_norm
     if grad_h is not None:
         grad_h = grad_h.view(hidden.shape)
-    if grad_w is not None:
-        grad_w = grad_w.to(weight.dtype)
-    return loss, grad_h, grad_w
+    return loss, grad_h, grad_w, factor
 
 
-def fused_linear_ce_backward(grad_output, grad_h, grad_w):
-    """The gradients were computed in the forward; scale them by the incoming scalar gradient."""
-    grad_output = grad_output.to(torch.float32)  # multiplied in fp32: a bf16 grad_output would round
+def fused_linear_ce_backward(grad_output, grad_h, grad_w, factor, weight_dtype):
+    """The gradients were computed in the forward: multiply by factor * grad_output in fp32 (a
+    GradScaler's large grad_output thus reaches fp16 gradients before they are rounded)."""
+    factor = factor * grad_output.to(torch.float32)
     if grad_h is not None:
-        grad_h = (grad_h.float() * grad_output).to(grad_h.dtype)
+        grad_h = (grad_h.float() * factor).to(grad_h.dtype)
     if grad_w is not None:
-        grad_w = (grad_w.float() * grad_output).to(grad_w.dtype)
+        grad_w = (grad_w * factor).to(weight_dtype)
     return grad_h, grad_w
 
 
@@ -194,14 +220,18 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, ignore_index, normalizer, memory_budget_mib,
                 need_grad_hidden, need_grad_weight):
-        loss, grad_h, grad_w = fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, normalizer,
-                                                       memory_budget_mib, need_grad_hidden, need_grad_weight)
-        ctx.grad_h, ctx.grad_w = grad_h, grad_w  # not inputs or outputs: plain attributes are fine
+        loss, grad_h, grad_w, factor = fused_linear_ce_forward(
+            hidden, weight, labels, softcap, ignore_index, normalizer, memory_budget_mib,
+            need_grad_hidden, need_grad_weight)
+        # Neither inputs nor outputs: plain attributes are fine (and freed after the backward).
+        ctx.grad_h, ctx.grad_w, ctx.factor, ctx.weight_dtype = grad_h, grad_w, factor, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_h, grad_w = fused_linear_ce_backward(grad_output, ctx.grad_h, ctx.grad_w)
+        grad_h, grad_w = fused_linear_ce_backward(grad_output, ctx.grad_h, ctx.grad_w, ctx.factor,
+                                                  ctx.weight_dtype)
+        ctx.grad_h = ctx.grad_w = None
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
