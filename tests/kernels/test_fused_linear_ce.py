@@ -221,14 +221,17 @@ def test_fp16_error_within_eager_cpu(err_log):
     check_against_eager(torch.float16, 64, 96, 2000, "cpu", err_log)
 
 
-def test_fp16_large_normalizer_does_not_underflow():
-    """softmax / M with M = 1e5 (many micro-batches) is below fp16's subnormals; the kernel stores
-    the gradient scaled by FP16_GRAD_SCALE and divides by M in fp32, so nothing flushes to zero."""
+def test_fp16_large_normalizer_with_grad_scaler():
+    """softmax / M with M = 1e5 (many micro-batches) is below fp16's subnormals. As with a
+    GradScaler, the loss is multiplied by 2^16 before backward; the kernel stored d z times
+    FP16_GRAD_SCALE and applies 2^16 / M in fp32, so the scaled gradients come out whole."""
     h, w, labels = make_case(16, 64, 2000, dtype=torch.float16, seed=8)
-    _, gh, gw = run(mod.fused_linear_cross_entropy, h, w, labels, normalizer=1e5)
-    _, gh64, gw64 = oracle_grads(h, w, labels, 30.0, normalizer=1e5)
-    # fp16 rounding of d z, d h and of the products: ~1e-3 (the unscaled path would lose ~all).
-    assert rel_err(gh, gh64) < 5e-3 and rel_err(gw, gw64) < 5e-3
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    (mod.fused_linear_cross_entropy(h, w, labels, normalizer=1e5) * 2**16).backward()
+    _, gh64, gw64 = oracle_grads(h.detach(), w.detach(), labels, 30.0, normalizer=1e5)
+    # fp16 rounding of d z, d h and of the products: ~1e-3 (without the scale: ~all lost).
+    assert rel_err(h.grad, gh64 * 2**16) < 5e-3 and rel_err(w.grad, gw64 * 2**16) < 5e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
