@@ -1,0 +1,158 @@
+"""Benchmark: fused linear CE, RMSNorm and GEGLU against eager PyTorch and Liger Kernel (if installed).
+
+`run(record)` times forward + backward (triton.testing.do_bench, median), measures the peak
+memory a call adds on top of its inputs (max_memory_allocated after reset_peak_memory_stats,
+minus the baseline), and the relative error (norm-wise, the worst of the output and its
+gradients) against an fp64 computation of the same inputs. For the memory-bound RMSNorm and
+GEGLU it also reports achieved GB/s: the bytes a fused forward + backward must move (listed per
+kernel below) divided by the time. Shapes are Gemma 4 E2B and E4B, 2048 tokens, bf16; the LM
+head is frozen (as in LoRA training), so the loss backward produces d hidden only.
+
+Called by the driver benchmarks/kernels.py; CUDA only (prints a note and returns otherwise).
+"""
+import torch
+import torch.nn.functional as F
+
+from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from gemmatune.kernels.geglu import geglu, geglu_reference
+from gemmatune.kernels.rms_norm import rms_norm, rms_norm_reference
+
+SIZES = {"E2B": dict(hidden=1536, intermediate=6144), "E4B": dict(hidden=2560, intermediate=10240)}
+TOKENS, VOCAB, SOFTCAP, DTYPE = 2048, 262144, 30.0, torch.bfloat16
+
+
+def _liger():
+    """Liger's three ops as callables with our signatures, or {} when liger_kernel is absent."""
+    try:
+        from liger_kernel.ops.geglu import LigerGELUMulFunction
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except Exception as exc:  # not installed, or an API that moved
+        print(f"liger_kernel unavailable ({exc.__class__.__name__}: {exc}); skipping its rows")
+        return {}
+    ce_loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, softcap=SOFTCAP, reduction="mean")
+
+    def liger_ce(h, w, labels):
+        out = ce_loss(w, h, labels)
+        return out[0] if isinstance(out, tuple) else getattr(out, "loss", out)
+
+    def liger_rms(x, w):
+        # Gemma 4: offset 0 (no 1 + w), "gemma" casting (everything in fp32, one cast at the end).
+        try:
+            return LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "gemma", False)  # (.., in_place)
+        except TypeError:  # older Liger without in_place
+            return LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "gemma")
+
+    return {"ce": liger_ce, "rms": liger_rms, "geglu": lambda g, u: LigerGELUMulFunction.apply(g, u)}
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _measure(fn, inputs, grad_out, reference_results):
+    """(median ms of forward + backward, peak extra MiB, worst relative error vs fp64)."""
+    import triton.testing
+
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+
+    def step():
+        out = fn(*inputs)
+        out.backward(grad_out if out.dim() else None)
+        return out
+
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+    results = [out.detach()] + [t.grad for t in leaves]
+    err = max(_rel_err(r, ref) for r, ref in zip(results, reference_results))
+    del out, results
+    ms = triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median")
+    return ms, peak_mib, err
+
+
+def _fp64_results(fn, inputs, grad_out):
+    inputs64 = [t.detach().double().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                for t in inputs]
+    out = fn(*inputs64)
+    out.backward(grad_out.double() if out.dim() else None)
+    return [out.detach()] + [t.grad for t in inputs64 if t.is_floating_point() and t.requires_grad]
+
+
+def _eager_ce(h, w, labels):
+    """transformers' path: bf16 logits, softcap in bf16, CE on fp32 logits, mean over labels."""
+    logits = torch.tanh((h @ w.t()) / SOFTCAP) * SOFTCAP
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
+
+
+def _eager_geglu(g, u):
+    return F.gelu(g, approximate="tanh") * u
+
+
+def run(record):
+    if not torch.cuda.is_available():
+        print("kernels_loss_norm: no CUDA device, nothing measured")
+        return
+    dev = "cuda"
+    liger = _liger()
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for size_name, size in SIZES.items():
+        H, I = size["hidden"], size["intermediate"]
+
+        # --- fused linear cross-entropy (loss only; gbps None: it is matmul-bound) -------------
+        h = torch.randn(TOKENS, H, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
+        w = (torch.randn(VOCAB, H, device=dev, generator=gen) * (4 / H**0.5)).to(DTYPE)
+        labels = torch.randint(0, VOCAB, (TOKENS,), device=dev, generator=gen)
+        labels[::10] = -100
+        ref = _fp64_results(lambda h, w, y: fused_linear_cross_entropy_reference(h, w, y, SOFTCAP), (h, w, labels),
+                            None)
+        torch.cuda.empty_cache()
+        impls = {"gemmatune": lambda h, w, y: fused_linear_cross_entropy(h, w, y, softcap=SOFTCAP),
+                 "torch": _eager_ce}
+        if "ce" in liger:
+            impls["liger"] = liger["ce"]
+        for impl, fn in impls.items():
+            ms, mib, err = _measure(fn, (h, w, labels), None, ref)
+            record(dict(kernel="fused_linear_ce", impl=impl, shape=f"{size_name} N{TOKENS} H{H} V{VOCAB}",
+                        dtype=str(DTYPE), median_ms=ms, peak_extra_mib=mib, rel_err=err, gbps=None))
+        del h, w, labels, ref
+        torch.cuda.empty_cache()
+
+        # --- RMSNorm: bytes = x read twice, y written, dy read, dx written (+ w, negligible) ---
+        x = torch.randn(TOKENS, H, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
+        wn = (1 + 0.3 * torch.randn(H, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
+        dy = torch.randn(TOKENS, H, device=dev, generator=gen).to(DTYPE)
+        ref = _fp64_results(rms_norm_reference, (x, wn), dy)
+        impls = {"gemmatune": rms_norm, "torch": rms_norm_reference}
+        if "rms" in liger:
+            impls["liger"] = liger["rms"]
+        bytes_moved = 5 * x.numel() * x.element_size()
+        for impl, fn in impls.items():
+            ms, mib, err = _measure(fn, (x, wn), dy, ref)
+            record(dict(kernel="rms_norm", impl=impl, shape=f"{size_name} N{TOKENS} H{H}", dtype=str(DTYPE),
+                        median_ms=ms, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+
+        # --- GEGLU: bytes = forward reads g, u, writes out; backward reads d out, g, u, writes dg, du
+        g = (3 * torch.randn(TOKENS, I, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
+        u = torch.randn(TOKENS, I, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
+        do = torch.randn(TOKENS, I, device=dev, generator=gen).to(DTYPE)
+        ref = _fp64_results(geglu_reference, (g, u), do)
+        impls = {"gemmatune": geglu, "torch": _eager_geglu}
+        if "geglu" in liger:
+            impls["liger"] = liger["geglu"]
+        bytes_moved = 8 * g.numel() * g.element_size()
+        for impl, fn in impls.items():
+            ms, mib, err = _measure(fn, (g, u), do, ref)
+            record(dict(kernel="geglu", impl=impl, shape=f"{size_name} N{TOKENS} I{I}", dtype=str(DTYPE),
+                        median_ms=ms, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+        del x, wn, dy, g, u, do, ref
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    run(print)
