@@ -163,7 +163,7 @@ def fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, norma
     which the backward multiplies back in fp32 together with grad_output."""
     _check_inputs(hidden, weight, labels)
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    labels = labels.reshape(-1)
+    labels = labels.reshape(-1).contiguous()  # the kernel indexes labels by row
     n_rows, vocab = h2.shape[0], weight.shape[0]
     budget_bytes = memory_budget_mib * 2**20
     chunk_rows = chunk_rows_for(n_rows, vocab, h2.element_size(), memory_budget_mib)
