@@ -22,18 +22,22 @@ def checkpoint_in_place(function, *args):
 
 
 def checkpoint_offloaded(function, hidden_states: torch.Tensor, *args):
-    """Non-reentrant checkpoint of `function(hidden_states, *args)`, saved input on the CPU."""
-    if not hidden_states.is_cuda:  # nothing to gain on a CPU
-        return checkpoint_in_place(function, hidden_states, *args)
-    host = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device="cpu", pin_memory=True)
+    """Non-reentrant checkpoint of `function(hidden_states, *args)`, saved input on the CPU.
+
+    On a CPU-only machine the "offloaded" copy is just another CPU tensor: the same code
+    path runs in CI, where the tests compare its gradients with the uncheckpointed run.
+    """
+    host = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device="cpu",
+                       pin_memory=hidden_states.is_cuda)
     host.copy_(hidden_states.detach(), non_blocking=True)
-    device = hidden_states.device
+    device, needs_grad = hidden_states.device, hidden_states.requires_grad
     first_call = {"input": hidden_states}  # dropped after the forward: the GPU copy can be freed
 
     def run(*rest):
         gpu_input = first_call.pop("input", None)
         if gpu_input is None:  # the backward's recompute: bring the input back
-            gpu_input = host.to(device, non_blocking=True)
+            # requires_grad as in the forward, so the recompute saves the same tensors
+            gpu_input = host.to(device, non_blocking=True).detach().requires_grad_(needs_grad)
         return function(gpu_input, *rest)
 
     return checkpoint(run, *args, use_reentrant=False)

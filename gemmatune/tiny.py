@@ -18,7 +18,7 @@ import torch
 
 TINY_MODEL_ID = "gemmatune/tiny-gemma4"
 TINY_VOCAB_SIZE = 512
-TINY_FORMAT_VERSION = 1  # bump when the tiny model or tokenizer changes
+TINY_FORMAT_VERSION = 2  # bump when the tiny model or tokenizer changes
 
 # Gemma 4's special tokens, in the order they get ids in the tiny vocabulary.
 SPECIAL_TOKENS = [
@@ -158,12 +158,20 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def _spread_weights(model, seed: int) -> None:
-    """Give norms random scales around one so a wrong norm formula (`1 + w`) shows in tests."""
+    """Make the random model behave more like a trained one where tests need it.
+
+    Norm scales get random values around one, so a wrong norm formula (`1 + w`) shows.
+    The tied embedding / LM head gets rows of norm ~2 instead of ~0.16 (std 0.02): the
+    final norm bounds the hidden state, so with tiny rows no adapter could move the logits
+    more than about one unit and the loss could barely fall.
+    """
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
+        embed = model.get_input_embeddings().weight
+        embed.copy_(torch.randn(embed.shape, generator=gen) * (2.0 / embed.shape[1] ** 0.5))
 
 
 def _corpus_digest() -> str:

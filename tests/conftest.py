@@ -1,0 +1,35 @@
+"""Shared fixtures: the embedded tiny Gemma 4, built once per test session into a temp cache."""
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("GEMMATUNE_DASHBOARD", "off")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny checkpoint folder, built by the same code users run (gemmatune.tiny)."""
+    from gemmatune.tiny import tiny_model_dir
+
+    if "GEMMATUNE_CACHE" not in os.environ:
+        os.environ["GEMMATUNE_CACHE"] = str(tmp_path_factory.mktemp("gemmatune-cache"))
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def load_tiny(load_in_4bit=False, dtype="float32", **kwargs):
+    """The tiny model through gemmatune.load_model, quietly."""
+    from gemmatune import loader
+    from gemmatune.tiny import TINY_MODEL_ID
+
+    return loader.load_model(TINY_MODEL_ID, load_in_4bit=load_in_4bit, dtype=dtype, verbose=False, **kwargs)
