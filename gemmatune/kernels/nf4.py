@@ -72,7 +72,7 @@ def _check(packed, quant_state, out, dtype):
     n_bytes = packed.numel() * packed.element_size()
     if n_bytes != (n + 1) // 2:
         raise ValueError(f"packed weight has {n_bytes} bytes, shape {tuple(quant_state.shape)} needs {(n + 1) // 2}")
-    if quant_state.nested and quant_state.state2.blocksize not in BLOCKSIZES + (256,):
+    if quant_state.nested and quant_state.state2.blocksize not in BLOCKSIZES:
         raise ValueError(f"unsupported nested blocksize {quant_state.state2.blocksize}")
     if out is not None:
         if out.numel() != n or not out.is_contiguous() or out.dtype not in OUT_DTYPES:
@@ -136,13 +136,10 @@ def dequantize_nf4_reference(packed, quant_state, out=None, dtype=None):
 def dequantize_nf4(packed_weight, quant_state, out=None, dtype=None):
     """Dequantise a bnb NF4 weight (Params4bit.data + its QuantState) to quant_state.dtype, or to
     `dtype`, or into `out` (contiguous, any shape with the right element count)."""
-    if use_triton(packed_weight, quant_state.absmax) and (out is None or use_triton(out)) and \
-            (dtype or (out.dtype if out is not None else quant_state.dtype)) in _triton_dtypes(packed_weight):
+    out_dtype = out.dtype if out is not None else (dtype or quant_state.dtype)
+    # use_triton() keeps bf16 off the interpreter (its fp32 -> bf16 cast rounds differently from
+    # PyTorch); an empty probe of the output dtype lets it judge the output too.
+    probe = out if out is not None else torch.empty(0, dtype=out_dtype, device=packed_weight.device)
+    if use_triton(packed_weight, quant_state.absmax, probe):
         return dequantize_nf4_forward(packed_weight, quant_state, out, dtype)
     return dequantize_nf4_reference(packed_weight, quant_state, out, dtype)
-
-
-def _triton_dtypes(t):
-    # The interpreter stores bf16 correctly here (a single fp32 -> bf16 cast, no bf16 arithmetic),
-    # but use_triton() keeps bf16 off the interpreter everywhere, so this does too.
-    return OUT_DTYPES if t.is_cuda else (torch.float16, torch.float32)
