@@ -67,3 +67,8 @@ def trainable_parameters(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+
+
+def load_adapter(model: nn.Module, path, trainable: bool = False) -> PeftModel:
+    """Put a saved gemmatune/peft adapter on a freshly loaded base model."""
+    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)

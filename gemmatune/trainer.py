@@ -61,6 +61,14 @@ class TrainResult:
     def losses(self) -> list:
         return self.state.losses
 
+    def loss_fell(self, fraction: float = 0.1, window: int = 10) -> bool:
+        """True when the mean of the last `window` losses is `fraction` below the first window's."""
+        if len(self.losses) < 2 * window:
+            window = max(1, len(self.losses) // 2)
+        first = sum(self.losses[:window]) / window
+        last = sum(self.losses[-window:]) / window
+        return last < (1 - fraction) * first
+
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup, then linear/cosine decay to zero (or constant)."""
@@ -142,13 +150,14 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
                 dash.note(f"checkpoint saved to {path}")
     except KeyboardInterrupt:
         status = "interrupted"
-    adapter_dir = save_adapter(model, tokenizer, Path(config.output_dir) / "adapter")
-    if status == "interrupted":
-        dash.note(f"interrupted at step {state.step}: adapter saved to {adapter_dir}")
-    else:
-        dash.note(f"adapter saved to {adapter_dir}")
-    summary = dash.close(status)
-    model.eval()
+    except BaseException:  # out of memory, a bad batch...: keep what was trained, then re-raise
+        status = "failed"
+        raise
+    finally:
+        adapter_dir = save_adapter(model, tokenizer, Path(config.output_dir) / "adapter")
+        dash.note(f"{status} at step {state.step}/{config.max_steps}: adapter saved to {adapter_dir}")
+        summary = dash.close(status)
+        model.eval()
     return TrainResult(status=status, state=state, adapter_dir=str(adapter_dir), summary=summary)
 
 
