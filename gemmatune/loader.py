@@ -107,10 +107,12 @@ def load_model(
             ple.load_host_table(module, path, compute_dtype, **hub_kwargs)
     model.config.use_cache = False  # training default; chat() turns the cache on for generation
     model.gemmatune_max_seq_length = max_seq_length
-    patch_model(model, use_kernels=use_kernels)
+    model.gemmatune_use_kernels = use_kernels
+    patched = patch_model(model, use_kernels=use_kernels)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
     if verbose:
         print(describe_model(model, compute_dtype, why_dtype, load_in_4bit))
+        print("  kernels: " + ("; ".join(patched) if patched else "off (PyTorch reference code)"))
     return model, tokenizer
 
 

@@ -11,6 +11,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from gemmatune.patching import patch_lora
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _LAYER = re.compile(r"(?:^|\.)(?:language_model|model)\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
@@ -60,7 +62,10 @@ def add_lora(
         r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout, bias="none",
         target_modules=language_model_targets(model, target_modules), task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config, autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    if getattr(model, "gemmatune_use_kernels", False):
+        patch_lora(peft_model)
+    return peft_model
 
 
 def trainable_parameters(model: nn.Module) -> str:

@@ -1,28 +1,145 @@
 """The one place where gemmatune changes a loaded Gemma 4 model object.
 
-`patch_model(model)` swaps modules of *this* model for gemmatune's (kernels, offloaded
-checkpointing); nothing happens at import time and nothing global changes. It is
-idempotent, reports what it swapped, and `unpatch_model(model)` puts the originals back.
+How: a module of *this* model gets its class swapped for a subclass whose forward calls a
+gemmatune kernel (`module.__class__ = KernelRMSNorm`); its parameters stay where they are,
+so peft and state dicts see nothing new. Nothing happens at import time and nothing global
+changes. `patch_model` is idempotent and returns what it swapped; `unpatch_model` restores
+every original class. `GEMMATUNE_KERNELS=0` (or use_kernels=False) leaves the model stock.
+
+What gets swapped (each kernel is exact against its PyTorch reference, see tests/kernels):
+- Gemma4RMSNorm (all norms, including the per-head q/k norms and the weightless v_norm)
+  -> Triton RMSNorm;
+- Gemma4TextMLP -> gate/up projections, Triton GeGLU, down projection;
+- peft's LoRA-on-4-bit layers (after add_lora) -> NF4 dequant + matmul + LoRA in one
+  autograd function that does not keep the dequantised weight alive for the backward;
+- float16 only: the residual stream and the MLP's product are clamped to the fp16 range
+  (Gemma's activations can exceed 65504 on a T4, turning the loss into inf/NaN).
+The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
 """
+import torch
 from torch import nn
+from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
+
+from gemmatune.kernels._backend import kernels_enabled
+from gemmatune.kernels.geglu import geglu
+from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
+from gemmatune.kernels.rms_norm import rms_norm
+
+FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # headroom so the next add stays finite
+
+
+class KernelRMSNorm(hf_gemma4.Gemma4RMSNorm):
+    """Gemma4RMSNorm through the Triton kernel: same `w * x_hat` (no `1 + w`), fp32 math."""
+
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight if self.with_scale else None, self.eps)
+
+
+class KernelGemma4MLP(hf_gemma4.Gemma4TextMLP):
+    """Gemma4TextMLP with the gelu_tanh(gate) * up product in one Triton kernel."""
+
+    def forward(self, x):
+        return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _lora_4bit_class():
+    from peft.tuners.lora.bnb import Linear4bit
+
+    class KernelLoRALinear4bit(Linear4bit):
+        """peft LoRA on a bnb 4-bit layer, through gemmatune's NF4 + LoRA autograd function
+        when the layer is in the plain training set-up (one adapter, no dropout/DoRA/merge)."""
+
+        def forward(self, x, *args, **kwargs):
+            if not _plain_lora(self, kwargs):
+                return super().forward(x, *args, **kwargs)
+            name = self.active_adapters[0]
+            weight = self.base_layer.weight
+            lora_a = self.lora_A[name].weight.to(x.dtype)
+            lora_b = self.lora_B[name].weight.to(x.dtype)
+            return lora_nf4_linear(x, weight, weight.quant_state, lora_a, lora_b, self.scaling[name],
+                                   self.base_layer.bias)
+
+    return Linear4bit, KernelLoRALinear4bit
+
+
+def _plain_lora(layer, kwargs) -> bool:
+    name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
+    return (
+        name is not None and not layer.merged and not layer.disable_adapters and not kwargs
+        and name in layer.lora_A and not layer.use_dora.get(name, False)
+        and isinstance(layer.lora_dropout[name], nn.Identity)
+        and getattr(layer.base_layer.weight, "quant_state", None) is not None
+        and layer.base_layer.weight.quant_state.quant_type == "nf4"
+    )
+
+
+def _swap_class(model, module, new_class) -> None:
+    model.gemmatune_patches.append((module, type(module)))
+    module.__class__ = new_class
 
 
 def patch_model(model: nn.Module, use_kernels: bool = True) -> list[str]:
-    """Swap this model's modules for gemmatune's; returns a line per kind of swap."""
-    if getattr(model, "gemmatune_patches", None) is not None:
-        return model.gemmatune_patches_report
-    model.gemmatune_patches = []  # (parent, name, original module)
+    """Swap this model's norms/MLPs (and fp16 clamps) for gemmatune's; returns a report."""
+    if getattr(model, "gemmatune_patches", None) is None:
+        model.gemmatune_patches, model.gemmatune_hooks = [], []
     report = []
-    model.gemmatune_patches_report = report
+    if use_kernels and kernels_enabled():
+        swaps = {hf_gemma4.Gemma4RMSNorm: KernelRMSNorm, hf_gemma4.Gemma4TextMLP: KernelGemma4MLP}
+        counts = {}
+        for module in model.modules():
+            new_class = swaps.get(type(module))
+            if new_class is not None:
+                _swap_class(model, module, new_class)
+                counts[new_class.__name__] = counts.get(new_class.__name__, 0) + 1
+        report += [f"{n} modules -> {name}" for name, n in counts.items()]
+    if _compute_dtype(model) == torch.float16 and not model.gemmatune_hooks:
+        report.append(f"{_add_fp16_clamps(model)} fp16 overflow clamps")
     return report
 
 
+def patch_lora(model: nn.Module) -> list[str]:
+    """After add_lora: route peft's LoRA-on-4-bit layers through the NF4 + LoRA kernel."""
+    if not kernels_enabled():
+        return []
+    peft_class, kernel_class = _lora_4bit_class()
+    layers = [m for m in model.modules() if type(m) is peft_class]
+    if getattr(model, "gemmatune_patches", None) is None:
+        model.gemmatune_patches, model.gemmatune_hooks = [], []
+    for layer in layers:
+        _swap_class(model, layer, kernel_class)
+    return [f"{len(layers)} LoRA 4-bit layers -> NF4 + LoRA kernel"] if layers else []
+
+
 def unpatch_model(model: nn.Module) -> None:
-    """Put every module patch_model swapped back in place."""
-    for parent, name, original in reversed(getattr(model, "gemmatune_patches", None) or []):
-        setattr(parent, name, original)
-    model.gemmatune_patches = None
-    model.gemmatune_patches_report = []
+    """Restore every class patch_model/patch_lora swapped and remove the fp16 clamps."""
+    for module, original_class in reversed(getattr(model, "gemmatune_patches", None) or []):
+        module.__class__ = original_class
+    for handle in getattr(model, "gemmatune_hooks", None) or []:
+        handle.remove()
+    model.gemmatune_patches, model.gemmatune_hooks = [], []
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
+def _clamp_output(module, args, output):
+    return output.clamp(-FP16_LIMIT, FP16_LIMIT) if output.dtype == torch.float16 else output
+
+
+def _clamp_input(module, args):
+    x = args[0]
+    return (x.clamp(-FP16_LIMIT, FP16_LIMIT), *args[1:]) if x.dtype == torch.float16 else args
+
+
+def _add_fp16_clamps(model: nn.Module) -> int:
+    """Clamp each decoder layer's output and each MLP's gelu(gate)*up before down_proj."""
+    for module in model.modules():
+        if isinstance(module, hf_gemma4.Gemma4TextDecoderLayer):
+            model.gemmatune_hooks.append(module.register_forward_hook(_clamp_output))
+        elif isinstance(module, hf_gemma4.Gemma4TextMLP):
+            model.gemmatune_hooks.append(module.down_proj.register_forward_pre_hook(_clamp_input))
+    return len(model.gemmatune_hooks)
 
 
 def enable_gradient_checkpointing(model: nn.Module, mode: str = "offload") -> None:

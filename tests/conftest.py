@@ -4,8 +4,14 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("GEMMATUNE_DASHBOARD", "off")
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run in the interpreter. Triton reads this variable when a
+# kernel module is imported, so it must be set before any test imports gemmatune.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.set_num_threads(1)
 
