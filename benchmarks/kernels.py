@@ -1,0 +1,55 @@
+"""Kernel benchmark driver: every gemmatune kernel vs PyTorch eager, Liger and bitsandbytes.
+
+    python benchmarks/kernels.py
+
+Runs benchmarks/kernels_loss_norm.py (fused linear CE, RMSNorm, GeGLU) and
+benchmarks/kernels_rope_nf4.py (QK-norm + RoPE, NF4 dequant, NF4 + LoRA linear) at E2B and
+E4B sizes, prints a table and writes benchmarks/results/<date>-h200-kernels.json.
+"""
+import datetime
+import importlib.metadata as md
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import kernels_loss_norm, kernels_rope_nf4  # noqa: E402
+
+
+def versions() -> dict:
+    found = {}
+    for name in ["torch", "triton", "transformers", "bitsandbytes", "liger_kernel"]:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found | {"cuda": torch.version.cuda}
+
+
+def main() -> None:
+    gpu, command, info = torch.cuda.get_device_name(0), "python " + " ".join(sys.argv), versions()
+    records = []
+
+    def record(row: dict) -> None:
+        row = dict(row, gpu=gpu, versions=info, command=command)
+        records.append(row)
+        gbps = f"{row['gbps']:7.0f} GB/s" if row.get("gbps") else " " * 12
+        print(f"{row['kernel']:22} {row['impl']:13} {row['shape']:34} {row['dtype']:5} "
+              f"{row['median_ms']:9.3f} ms {row['peak_extra_mib']:9.1f} MiB {gbps} rel_err {row['rel_err']:.2e}",
+              flush=True)
+
+    for module in (kernels_loss_norm, kernels_rope_nf4):
+        try:
+            module.run(record)
+        except Exception as error:  # one broken benchmark must not lose the others' numbers
+            print(f"{module.__name__} failed: {error!r}", flush=True)
+    out = Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-h200-kernels.json"
+    out.write_text(json.dumps(records, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
