@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repo root replaces this script's folder on the path: transformers probes `import kernels`,
+# which must not find benchmarks/kernels.py.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks import kernels_loss_norm, kernels_rope_nf4  # noqa: E402
 
@@ -47,6 +49,7 @@ def main() -> None:
         except Exception as error:  # one broken benchmark must not lose the others' numbers
             print(f"{module.__name__} failed: {error!r}", flush=True)
     out = Path(__file__).parent / "results" / f"{datetime.date.today().isoformat()}-h200-kernels.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records, indent=1))
     print(f"wrote {out}")
 

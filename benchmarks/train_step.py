@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repo root replaces this script's folder on the path: transformers probes `import kernels`,
+# which must not find benchmarks/kernels.py.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 GIB = 2**30
 
 
@@ -145,6 +147,7 @@ def main() -> None:
     parser.add_argument("--gemmatune-only-seq", type=int, nargs="*", default=[],
                         help="extra sequence lengths run with gemmatune only (the 8 GiB long-context check)")
     parser.add_argument("--dtypes", nargs="+", default=["bf16"])
+    parser.add_argument("--gemmatune-fp16", action="store_true", help="also run gemmatune in fp16 (a T4's dtype)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ckpt-root", default="/tmp/gemmatune-bench")
@@ -163,6 +166,7 @@ def main() -> None:
     records = []
     plan = [(m, s, q, d) for m in args.models for d in args.dtypes for q in args.seq for s in args.stacks]
     plan += [(m, "gemmatune", q, "bf16") for m in args.models for q in args.gemmatune_only_seq]
+    plan += [(m, "gemmatune", args.seq[0], "fp16") for m in args.models if args.gemmatune_fp16]
     for model in args.models:
         folder = Path(args.ckpt_root) / model
         build_checkpoint(model, folder)

@@ -15,8 +15,8 @@ M is the number of label tokens across all gradient-accumulation micro-batches (
 caller) or, by default, the non-ignored labels of this call; when M is 0 the loss and all
 gradients are 0, never NaN.
 
-How: tokens go in chunks whose logits fit `memory_budget_mib` (at V = 262144 in bf16, 256 MiB
-is 512 rows: 4 chunks for 2048 tokens). Per chunk, cuBLAS computes z = h W^T in the input
+How: tokens go in chunks whose logits fit `memory_budget_mib` (at V = 262144 in bf16, the
+default 192 MiB is 384 rows: 6 chunks for 2048 tokens, so logits + d hidden stay under 256 MiB). Per chunk, cuBLAS computes z = h W^T in the input
 dtype into a reused buffer; one Triton kernel then makes two passes over V per row: an online
 max/sum-exp for lse and the loss, then it overwrites the buffer in place with d loss / d z.
 Two more matmuls give d h (and d W, only if W requires grad). Gradients are thus computed in
@@ -248,7 +248,7 @@ def fused_linear_cross_entropy_reference(hidden, weight, labels, softcap=30.0, i
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, softcap=30.0, ignore_index=-100, normalizer=None,
-                               memory_budget_mib=256):
+                               memory_budget_mib=192):
     """sum over non-ignored rows of CE(softcap * tanh(hidden @ weight.T / softcap), label) / normalizer.
 
     hidden (N, H) or (B, S, H); weight the LM head (V, H); labels (N,) or (B, S), already shifted.
