@@ -31,6 +31,7 @@ def build_checkpoint(model: str, folder: Path) -> None:
     from transformers import Gemma4ForCausalLM
 
     from benchmarks.gemma4_configs import CONFIGS
+    from gemmatune.tiny import build_tiny_tokenizer
 
     if (folder / "config.json").exists():
         return
@@ -38,6 +39,7 @@ def build_checkpoint(model: str, folder: Path) -> None:
     with torch.device("cuda"):
         lm = Gemma4ForCausalLM(CONFIGS[model]()).to(torch.bfloat16)
     lm.save_pretrained(folder)
+    build_tiny_tokenizer().save_pretrained(folder)  # any tokenizer: the benchmark feeds random ids
     del lm
     torch.cuda.empty_cache()
 
