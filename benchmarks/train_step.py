@@ -33,13 +33,15 @@ def build_checkpoint(model: str, folder: Path) -> None:
     from benchmarks.gemma4_configs import CONFIGS
     from gemmatune.tiny import build_tiny_tokenizer
 
+    if not (folder / "tokenizer_config.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        build_tiny_tokenizer().save_pretrained(folder)  # any tokenizer: the benchmark feeds random ids
     if (folder / "config.json").exists():
         return
     torch.manual_seed(0)
     with torch.device("cuda"):
         lm = Gemma4ForCausalLM(CONFIGS[model]()).to(torch.bfloat16)
     lm.save_pretrained(folder)
-    build_tiny_tokenizer().save_pretrained(folder)  # any tokenizer: the benchmark feeds random ids
     del lm
     torch.cuda.empty_cache()
 
