@@ -17,7 +17,7 @@ TINY_LEARNING_RATE = 2e-3  # the tiny model has random weights: 2e-4 barely move
 def run_notebook(path, out=None, timeout: int = CELL_TIMEOUT_S) -> Path:
     """Execute `path` in this Python's kernel (cwd = the notebook's folder, as in Jupyter) and
     write the executed copy to `out` (default runs/<name>.executed.ipynb). An existing file
-    there is kept as <out>.previous. Raises nbclient's CellExecutionError if a cell fails,
+    there is kept as <name>.previous.ipynb. Raises nbclient's CellExecutionError if a cell fails,
     after writing the partly executed copy so the error can be read in it."""
     import nbformat
     from nbclient import NotebookClient
@@ -40,7 +40,7 @@ def run_notebook(path, out=None, timeout: int = CELL_TIMEOUT_S) -> Path:
     finally:
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
-            out.replace(out.with_name(out.name + ".previous"))
+            out.replace(out.with_name(f"{out.stem}.previous{out.suffix}"))
         nbformat.write(nb, out)
     print(f"gemmatune: {'FAILED' if error else 'done'} in {time.monotonic() - start:.0f} s; "
           f"executed notebook written to {out}")
