@@ -20,6 +20,10 @@ def poison_empty(monkeypatch):
     """Fill every torch.empty / torch.empty_like buffer with NaN (or -7 for integers), so a kernel
     that forgets to write part of its output fails the NaN checks instead of passing by luck."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    # torch caches its set of constructor functions on first use by a `with torch.device(...)`
+    # block; filled while the lambdas below are in place, the cache would miss the real
+    # torch.empty for the rest of the session and such blocks would allocate on the CPU.
+    torch.utils._device._device_constructors()
 
     def _poison(t):
         return t.fill_(math.nan) if t.is_floating_point() else t.fill_(-7)
