@@ -10,6 +10,8 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
 - Gemma4RMSNorm (all norms, including the per-head q/k norms and the weightless v_norm)
   -> Triton RMSNorm;
 - Gemma4TextMLP -> gate/up projections, Triton GeGLU, down projection;
+- Gemma4TextAttention (training forward) -> fused q/k RMSNorm + RoPE kernel, weightless
+  v_norm kernel, and math attention for head_dim 512 (SDPA's backward is slow there);
 - peft's LoRA-on-4-bit layers (after add_lora) -> NF4 dequant + matmul + LoRA in one
   autograd function that does not keep the dequantised weight alive for the backward;
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
@@ -20,9 +22,11 @@ import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
+from gemmatune.attention import attention_math, use_math_attention
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
+from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from gemmatune.kernels.rms_norm import rms_norm
 
 FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # headroom so the next add stays finite
@@ -40,6 +44,47 @@ class KernelGemma4MLP(hf_gemma4.Gemma4TextMLP):
 
     def forward(self, x):
         return self.down_proj(geglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
+    """Gemma4TextAttention for training: q/k norm + RoPE in one kernel each, and math
+    attention (gemmatune.attention) where SDPA is slow (head_dim 512 on the full layers).
+    With a KV cache (generation) it is the stock forward."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, shared_kv_states,
+                past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, shared_kv_states,
+                                   past_key_values, **kwargs)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = position_embeddings
+        # The Triton interpreter runs this kernel one token at a time: far too slow for a
+        # whole model on a CPU, where the reference (the same math) runs instead.
+        norm_rope = qk_norm_rope if hidden_states.is_cuda else qk_norm_rope_reference
+        query = self.q_proj(hidden_states).view(hidden_shape)
+        query = norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
+        if self.is_kv_shared_layer:
+            key, value = shared_kv_states[self.layer_type]
+        else:
+            key_proj = self.k_proj(hidden_states).view(hidden_shape)
+            value = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_proj
+            key = norm_rope(key_proj, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
+            value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
+        if self.store_full_length_kv:
+            shared_kv_states[self.layer_type] = key, value
+        if use_math_attention(query, key) and (attention_mask is None or attention_mask.dtype == torch.bool):
+            if attention_mask is None:  # SDPA would have used is_causal
+                attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
+                                            device=query.device).tril_(key.shape[2] - query.shape[2])
+            out = attention_math(query, key, value, attention_mask, self.scaling).transpose(1, 2)
+        else:
+            attend = hf_gemma4.ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, hf_gemma4.eager_attention_forward)
+            out, _ = attend(self, query, key, value, attention_mask, scaling=self.scaling,
+                            dropout=self.attention_dropout if self.training else 0.0,
+                            sliding_window=self.sliding_window, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
 def _lora_4bit_class():
@@ -84,7 +129,8 @@ def patch_model(model: nn.Module, use_kernels: bool = True) -> list[str]:
         model.gemmatune_patches, model.gemmatune_hooks = [], []
     report = []
     if use_kernels and kernels_enabled():
-        swaps = {hf_gemma4.Gemma4RMSNorm: KernelRMSNorm, hf_gemma4.Gemma4TextMLP: KernelGemma4MLP}
+        swaps = {hf_gemma4.Gemma4RMSNorm: KernelRMSNorm, hf_gemma4.Gemma4TextMLP: KernelGemma4MLP,
+                 hf_gemma4.Gemma4TextAttention: KernelGemma4Attention}
         counts = {}
         for module in model.modules():
             new_class = swaps.get(type(module))
