@@ -18,39 +18,61 @@ from torch.utils.checkpoint import checkpoint
 
 def checkpoint_in_place(function, *args):
     """transformers' default, non-reentrant (see module docstring for why not reentrant)."""
-    return checkpoint(function, *args, use_reentrant=False)
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=_preserve_rng())
 
 
-def checkpoint_offloaded(function, hidden_states: torch.Tensor, *args):
-    """Non-reentrant checkpoint of `function(hidden_states, *args)`, saved input on the CPU.
+class OffloadedCheckpoint:
+    """One layer's checkpoint function, its saved input in a pinned CPU buffer that it keeps.
+
+    The buffer is reused from one micro-batch to the next (grown when a longer batch comes):
+    pinning memory is slow, and a CUDA-graph capture needs its host buffers to stay put. The
+    reuse is safe because every copy runs on one stream: micro-batch m+1's forward writes
+    the buffer after micro-batch m's backward has read it.
 
     On a CPU-only machine the "offloaded" copy is just another CPU tensor: the same code
     path runs in CI, where the tests compare its gradients with the uncheckpointed run.
     """
-    host = torch.empty(hidden_states.shape, dtype=hidden_states.dtype, device="cpu",
-                       pin_memory=hidden_states.is_cuda)
-    host.copy_(hidden_states.detach(), non_blocking=True)
-    device, needs_grad = hidden_states.device, hidden_states.requires_grad
-    first_call = {"input": hidden_states}  # dropped after the forward: the GPU copy can be freed
 
-    def run(*rest):
-        gpu_input = first_call.pop("input", None)
-        if gpu_input is None:  # the backward's recompute: bring the input back
-            # requires_grad as in the forward, so the recompute saves the same tensors
-            gpu_input = host.to(device, non_blocking=True).detach().requires_grad_(needs_grad)
-        return function(gpu_input, *rest)
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
 
-    return checkpoint(run, *args, use_reentrant=False)
+    def host_copy_of(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        n = hidden_states.numel()
+        if self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != hidden_states.dtype:
+            self.buffer = torch.empty(n, dtype=hidden_states.dtype, device="cpu", pin_memory=hidden_states.is_cuda)
+        host = self.buffer[:n].view(hidden_states.shape)
+        host.copy_(hidden_states.detach(), non_blocking=True)
+        return host
+
+    def __call__(self, function, hidden_states: torch.Tensor, *args):
+        host = self.host_copy_of(hidden_states)
+        device, needs_grad = hidden_states.device, hidden_states.requires_grad
+        first_call = {"input": hidden_states}  # dropped after the forward: the GPU copy can be freed
+
+        def run(*rest):
+            gpu_input = first_call.pop("input", None)
+            if gpu_input is None:  # the backward's recompute: bring the input back
+                # requires_grad as in the forward, so the recompute saves the same tensors
+                gpu_input = host.to(device, non_blocking=True).detach().requires_grad_(needs_grad)
+            return function(gpu_input, *rest)
+
+        return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=_preserve_rng())
 
 
-CHECKPOINT_FUNCTIONS = {"on": checkpoint_in_place, "offload": checkpoint_offloaded}
+def _preserve_rng() -> bool:
+    """Saving the RNG state for the recompute is not allowed inside a CUDA-graph capture;
+    graphed steps run without dropout (gemmatune.graphs checks), so nothing random is lost."""
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def set_layer_checkpointing(layers, mode: str) -> None:
     """Give transformers' GradientCheckpointingLayer modules our checkpoint function."""
-    if mode not in ("off", *CHECKPOINT_FUNCTIONS):
+    if mode not in ("off", "on", "offload"):
         raise ValueError(f"gradient_checkpointing={mode!r}: use 'offload', 'on' or 'off'")
     for layer in layers:
         layer.gradient_checkpointing = mode != "off"
-        if mode != "off":
-            layer._gradient_checkpointing_func = CHECKPOINT_FUNCTIONS[mode]
+        if mode == "on":
+            layer._gradient_checkpointing_func = checkpoint_in_place
+        elif mode == "offload" and not isinstance(getattr(layer, "_gradient_checkpointing_func", None),
+                                                  OffloadedCheckpoint):
+            layer._gradient_checkpointing_func = OffloadedCheckpoint()

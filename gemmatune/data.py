@@ -346,13 +346,18 @@ def split_train_eval(prepared: PreparedDataset, eval_fraction: float = 0.05, see
 
 
 # ------------------------------------------------------------------ batches and display
-def collate(batch: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a list of examples into tensors: input_ids with pad, labels with -100, attention_mask."""
+def collate(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad a list of examples into tensors: input_ids with pad, labels with -100, attention_mask.
+
+    The length is rounded up to `pad_to_multiple_of`, so batches come in a few shapes (each
+    shape is captured once as a CUDA graph, see gemmatune.graphs); the padding is masked out
+    of the loss and, being on the right, never seen by a real token."""
     import torch
 
     if not batch:
         raise ValueError("collate got an empty batch")
     longest = max(len(ex["input_ids"]) for ex in batch)
+    longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(batch), longest), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)

@@ -30,10 +30,33 @@ def count_label_tokens(batches) -> int:
     return int(sum((shifted_labels(b["labels"]) != IGNORE_INDEX).sum() for b in batches))
 
 
+def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
+    """True when every row is ones then zeros (what gemmatune.data.collate makes)."""
+    if attention_mask is None:
+        return True
+    mask = attention_mask.to(torch.int8)
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch minus labels, and minus the attention mask of a right-padded text batch.
+
+    Why drop it: with right padding a causal token never attends to the padding after it,
+    so the mask changes no trained token. Keeping it is harmful: in a sliding-window layer a
+    padding position more than a window past the last real token has no key left to attend
+    to, its softmax is 0/0, and the NaN flows back into every LoRA gradient through the
+    zero-weighted loss (tests/test_graphs.py). Image/audio batches keep their mask.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if set(inputs) == {"input_ids", "attention_mask"} and is_right_padded(inputs["attention_mask"]):
+        del inputs["attention_mask"]
+    return inputs
+
+
 def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool = True) -> torch.Tensor:
     """sum of token losses in `batch` / `normalizer`, via the fused kernel or plain PyTorch."""
     base = unwrap(model)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = model_inputs(batch)
     hidden = base.model(**inputs, use_cache=False).last_hidden_state
     labels = shifted_labels(batch["labels"]).to(hidden.device)
     softcap = base.config.get_text_config().final_logit_softcapping

@@ -27,6 +27,9 @@ class HostEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.scalar_embed_scale = embed_scale
         self.table: torch.Tensor | None = None
+        # Inside a CUDA-graph capture the rows come from a pinned buffer that the caller fills
+        # (gemmatune.graphs): the capture records the copy from it, not the CPU gather.
+        self.staged: torch.Tensor | None = None
 
     def load_table(self, table: torch.Tensor) -> None:
         if tuple(table.shape) != (self.num_embeddings, self.embedding_dim):
@@ -44,16 +47,28 @@ class HostEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.table
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def scale(self) -> float:
+        """embed_scale rounded to the table's dtype, as transformers multiplies by it."""
+        return float(torch.tensor(self.scalar_embed_scale, dtype=torch.float32).to(self.table.dtype))
+
+    def gather(self, input_ids_cpu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The unscaled rows of these ids, gathered on the CPU (into `out` if given)."""
         if self.table is None:
             raise RuntimeError("per-layer embedding table not loaded: use gemmatune.load_model()")
-        ids = input_ids.reshape(-1).to("cpu")  # the GPU waits here for the ids (a few KiB)
-        rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.table.dtype,
-                           pin_memory=input_ids.is_cuda)
-        torch.index_select(self.table, 0, ids, out=rows)
+        ids = input_ids_cpu.reshape(-1)
+        if out is None:
+            out = torch.empty((ids.numel(), self.embedding_dim), dtype=self.table.dtype,
+                              pin_memory=torch.cuda.is_available())
+        return torch.index_select(self.table, 0, ids, out=out)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.staged is not None:
+            rows = self.staged
+        else:
+            rows = self.gather(input_ids.to("cpu"))  # the GPU waits here for the ids (a few KiB)
         rows = rows.to(input_ids.device, non_blocking=True)
-        scale = torch.tensor(self.scalar_embed_scale, dtype=torch.float32).to(self.table.dtype)
-        return (rows * scale.to(rows.device)).view(*input_ids.shape, self.embedding_dim)
+        return (rows * self.scale).view(*input_ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         where = "not loaded" if self.table is None else f"{self.table.dtype} on cpu, pinned={self.table.is_pinned()}"

@@ -1,0 +1,169 @@
+"""One training micro-step (forward, fused loss, backward), replayed as a CUDA graph.
+
+Why: at batch 1 x 2048 tokens a Gemma 4 E2B step issues about 17,000 kernels (35 layers,
+7 LoRA projections each, norms, RoPE, recompute for checkpointing). Issuing them from
+Python took about 1 s per step on the H200 machine's CPU while the GPU was busy for only
+about 160 ms of it (benchmarks/profile_step.py). A CUDA graph records the kernels once and
+replays them with one launch, so the step runs at the GPU's speed.
+
+How it works, per batch shape: the first micro-batch of a shape runs eagerly (it also
+warms up Triton, cuBLAS and the workspaces); the second one is captured into a graph and
+then replayed; every later one only copies its tokens into the graph's input buffers and
+replays. Graphs of different shapes share one memory pool.
+
+What stays outside the graph: the per-layer-embedding gather on the CPU (written into a
+pinned buffer the graph copies from), the optimizer step and gradient clipping. LoRA
+gradients accumulate in place into `.grad` tensors that must stay put, so the optimizer
+must zero them with `zero_grad(set_to_none=False)`.
+
+When a step is not graphed (it runs eagerly, with the same result): no CUDA, the model
+not in training mode, LoRA dropout (its random masks would be frozen into the graph),
+the plain-PyTorch loss (fused=False), image/audio inputs, or a left-padded batch. A
+right-padded text batch needs no attention mask, eager or graphed (see
+gemmatune.loss.model_inputs), so the graph has no mask input.
+"""
+import torch
+from torch import nn
+
+from gemmatune.checkpointing import OffloadedCheckpoint
+from gemmatune.kernels import lora_nf4_linear
+from gemmatune.loss import causal_lm_loss, is_right_padded
+from gemmatune.ple import HostEmbedding
+
+MAX_GRAPHS = 8  # batch shapes kept; later new shapes run eagerly
+
+
+def why_not_graphed(model: nn.Module, fused: bool) -> str | None:
+    """The reason this model's steps cannot be graphed at all, or None."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if not fused:
+        return "the plain-PyTorch loss (fused_loss=False) is not graphed"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable or not all(p.is_cuda for p in trainable):
+        return "the trainable parameters are not on the GPU"
+    dropout = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
+    if dropout:
+        return f"{len(dropout)} dropout modules with p > 0 (their masks would be frozen into the graph)"
+    return None
+
+
+class _Graph:
+    """One captured micro-step and the buffers it reads and writes."""
+
+    def __init__(self, input_ids, labels, normalizer, staged, keep_alive):
+        self.graph = torch.cuda.CUDAGraph()
+        self.input_ids, self.labels, self.normalizer = input_ids, labels, normalizer
+        self.staged = staged          # HostEmbedding -> pinned rows buffer the graph copies from
+        self.keep_alive = keep_alive  # host/device buffers whose addresses the graph recorded
+        self.loss = None
+
+
+class MicroStep:
+    """`step(batch, normalizer)`: loss of one micro-batch, gradients accumulated into .grad.
+
+    `batch` holds CPU tensors from gemmatune.data.collate; `normalizer` is the label-token
+    count of the whole optimizer step (see loss.py). Returns the detached loss on the device.
+    """
+
+    def __init__(self, model: nn.Module, fused: bool = True, cuda_graphs: bool = True):
+        self.model = model
+        self.fused = fused
+        self.device = next(p for p in model.parameters() if p.requires_grad).device
+        self.disabled_because = why_not_graphed(model, fused) if cuda_graphs else "cuda_graphs=False"
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None
+        self.replay_done = None
+
+    # -- eager -------------------------------------------------------------------------
+    def eager(self, batch: dict, normalizer) -> torch.Tensor:
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        loss = causal_lm_loss(self.model, batch, normalizer=normalizer, fused=self.fused)
+        loss.backward()
+        return loss.detach()
+
+    def __call__(self, batch: dict, normalizer) -> torch.Tensor:
+        key = self._graph_key(batch)
+        if key is None:
+            return self.eager(batch, normalizer)
+        if key in self.graphs:
+            return self._replay(self.graphs[key], batch, normalizer)
+        if key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
+            self.seen.add(key)
+            return self.eager(batch, normalizer)  # first sight of a shape: warm-up, no capture
+        try:
+            self.graphs[key] = self._capture(batch)
+        except Exception as error:  # never lose a training run to a capture problem: go eager
+            self.disabled_because = f"capture failed ({type(error).__name__}: {str(error)[:200]})"
+            print(f"gemmatune: CUDA graphs off, {self.disabled_because}; continuing without them")
+            torch.cuda.synchronize()
+            return self.eager(batch, normalizer)
+        return self._replay(self.graphs[key], batch, normalizer)
+
+    def _graph_key(self, batch: dict) -> tuple | None:
+        if self.disabled_because or not self.model.training:
+            return None
+        if set(batch) - {"input_ids", "labels", "attention_mask"}:
+            return None  # images/audio: eager
+        if not is_right_padded(batch.get("attention_mask")):
+            return None
+        return tuple(batch["input_ids"].shape)
+
+    # -- graphs ------------------------------------------------------------------------
+    def _capture(self, batch: dict) -> _Graph:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:  # accumulate in place into .grad tensors that stay put
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grad_ptrs = [p.grad.data_ptr() for p in params]
+        host_embeddings = [m for m in self.model.modules() if isinstance(m, HostEmbedding)]
+        staged = {m: m.gather(batch["input_ids"]) for m in host_embeddings}
+        g = _Graph(
+            input_ids=batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+            normalizer=torch.zeros((), dtype=torch.float32, device=self.device), staged=staged,
+            keep_alive=[],
+        )
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        torch.cuda.synchronize()
+        for m, rows in staged.items():
+            m.staged = rows
+        try:
+            with torch.cuda.graph(g.graph, pool=self.pool):
+                loss = causal_lm_loss(self.model, {"input_ids": g.input_ids, "labels": g.labels},
+                                      normalizer=g.normalizer, fused=True)
+                loss.backward()
+        finally:
+            for m in host_embeddings:
+                m.staged = None
+        if [p.grad.data_ptr() for p in params] != grad_ptrs:
+            raise RuntimeError("the captured backward replaced .grad tensors instead of accumulating into them")
+        g.loss = loss.detach()
+        g.keep_alive = [f.buffer for f in _checkpoint_functions(self.model)]
+        g.keep_alive += list(lora_nf4_linear._WORKSPACE.values())
+        return g
+
+    def _replay(self, g: _Graph, batch: dict, normalizer) -> torch.Tensor:
+        if self.replay_done is not None:
+            self.replay_done.synchronize()  # the last replay has read the pinned rows buffers
+        for m, rows in g.staged.items():
+            m.gather(batch["input_ids"], out=rows)
+        g.input_ids.copy_(batch["input_ids"], non_blocking=True)
+        g.labels.copy_(batch["labels"], non_blocking=True)
+        g.normalizer.fill_(float(normalizer))
+        g.graph.replay()
+        self.replay_done = torch.cuda.Event()
+        self.replay_done.record()
+        return g.loss.clone()
+
+    def describe(self) -> str:
+        if self.disabled_because:
+            return f"CUDA graphs: off ({self.disabled_because})"
+        return f"CUDA graphs: on ({len(self.graphs)} captured batch shapes)"
+
+
+def _checkpoint_functions(model: nn.Module) -> list[OffloadedCheckpoint]:
+    return [f for m in model.modules()
+            if isinstance(f := getattr(m, "_gradient_checkpointing_func", None), OffloadedCheckpoint)
+            and f.buffer is not None]
