@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
 from gemmatune import ple
+from gemmatune.memory import check_fits
 from gemmatune.patching import patch_model
 from gemmatune.tiny import TINY_MODEL_ID, tiny_model_dir
 
@@ -113,6 +114,10 @@ def load_model(
     if verbose:
         print(describe_model(model, compute_dtype, why_dtype, load_in_4bit))
         print("  kernels: " + ("; ".join(patched) if patched else "off (PyTorch reference code)"))
+    if target.type == "cuda" and load_in_4bit:
+        warning = check_fits(model, max_seq_length, batch=1)
+        if warning:
+            print(f"gemmatune: WARNING: {warning}")
     return model, tokenizer
 
 

@@ -17,7 +17,9 @@ import torch
 
 from gemmatune.dashboard import make_dashboard
 from gemmatune.data import collate
-from gemmatune.loss import causal_lm_loss, count_label_tokens
+from gemmatune.graphs import MicroStep
+from gemmatune.loss import count_label_tokens
+from gemmatune.memory import check_fits, choose_checkpointing
 from gemmatune.patching import enable_gradient_checkpointing
 from gemmatune.saving import save_adapter, save_checkpoint, load_checkpoint
 
@@ -33,8 +35,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0     # gradient clipping (0 = off)
     optimizer: str = "adamw_8bit"  # "adamw_8bit" (bitsandbytes) | "adamw" (torch)
-    gradient_checkpointing: str = "offload"  # "offload" (inputs to CPU) | "on" | "off"
+    gradient_checkpointing: str = "auto"  # "auto" | "offload" (inputs to CPU) | "on" | "off"
     fused_loss: bool = True        # fused linear cross-entropy (never materialises logits)
+    cuda_graphs: bool = True       # replay each batch shape's forward+backward as a CUDA graph
+    pad_to_multiple_of: int = 64   # round batch lengths up: fewer distinct shapes to capture
     seed: int = 3407
     output_dir: str = "outputs"
     save_every: int = 0            # checkpoint every N steps (0 = only at the end)
@@ -87,12 +91,45 @@ def make_optimizer(model, config: TrainConfig):
     if not params:
         raise ValueError("the model has no trainable parameters: call gemmatune.add_lora(model) first")
     if config.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
-
-        return bnb.optim.AdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return adamw_8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     raise ValueError(f"optimizer {config.optimizer!r}: use 'adamw_8bit' or 'adamw'")
+
+
+def adamw_8bit(params, **kwargs):
+    """bitsandbytes' 8-bit AdamW, minus its `torch.cuda.synchronize()` after every parameter.
+
+    bnb's step synchronises once per tensor (for its paged variants). With ~400 LoRA tensors
+    that stalls the CPU ~400 times per step and the GPU idles between the tiny updates
+    (about 25 ms a step on the H200 machine, benchmarks/profile_step.py). The update itself,
+    bnb's `update_step`, is unchanged; stream order keeps it correct without the syncs.
+    """
+    import bitsandbytes as bnb
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if self.is_paged:
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return loss
+
+    return AdamW8bit(params, **kwargs)
 
 
 def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int):
@@ -102,7 +139,8 @@ def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: i
         order = list(range(len(dataset)))
         random.Random(epoch_seed + epoch).shuffle(order)
         for i in range(0, len(order), config.batch_size):
-            yield collate([dataset[j] for j in order[i:i + config.batch_size]], pad_token_id)
+            rows = [dataset[j] for j in order[i:i + config.batch_size]]
+            yield collate(rows, pad_token_id, pad_to_multiple_of=config.pad_to_multiple_of)
         epoch += 1
 
 
@@ -119,9 +157,17 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
     batches = micro_batches(dataset, config, pad_id, config.seed)
     for _ in range(state.step * config.grad_accum):  # replay the data order when resuming
         next(batches)
+    longest = getattr(model, "gemmatune_max_seq_length", None) or 2048  # prepare_dataset's limit
+    if config.gradient_checkpointing == "auto":  # "on" when it comfortably fits, else "offload"
+        config.gradient_checkpointing = choose_checkpointing(model, longest, config.batch_size)
+    warning = check_fits(model, longest, config.batch_size, checkpointing=config.gradient_checkpointing)
+    if warning:
+        print(f"gemmatune: WARNING: {warning}")
     enable_gradient_checkpointing(model, config.gradient_checkpointing)
     model.train()
+    micro_step = MicroStep(model, fused=config.fused_loss, cuda_graphs=config.cuda_graphs)
     print(describe_run(model, dataset, config, device))
+    print("  " + micro_step.describe())
 
     dash = make_dashboard(config.max_steps, title="gemmatune: fine-tuning", mode=config.dashboard)
     status = "done"
@@ -134,16 +180,14 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
             n_tokens = count_label_tokens(step_batches)
             loss_sum = torch.zeros((), device=device)
             for batch in step_batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                loss = causal_lm_loss(model, batch, normalizer=max(n_tokens, 1), fused=config.fused_loss)
-                loss.backward()
-                loss_sum += loss.detach()
+                loss_sum += micro_step(batch, normalizer=max(n_tokens, 1))
             grad_norm = _clip(model, config.max_grad_norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # graphed steps accumulate into these .grad tensors
             state.step += 1
             state.tokens_trained += n_tokens
             state.losses.append(loss_sum.item())  # the GPU finishes the step here
+            grad_norm = float(grad_norm) if grad_norm is not None else None
             dash.update(state.step, state.losses[-1], lr, n_tokens, grad_norm)
             if config.save_every and state.step % config.save_every == 0 and state.step < config.max_steps:
                 path = save_checkpoint(model, tokenizer, optimizer, state, config.output_dir, config.keep_checkpoints)
@@ -161,11 +205,12 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
     return TrainResult(status=status, state=state, adapter_dir=str(adapter_dir), summary=summary)
 
 
-def _clip(model, max_norm: float) -> float | None:
+def _clip(model, max_norm: float) -> torch.Tensor | None:
+    """Clip in place; returns the norm as a device tensor (reading it now would stall the CPU)."""
     if not max_norm:
         return None
     params = [p for p in model.parameters() if p.grad is not None]
-    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def describe_run(model, dataset, config: TrainConfig, device) -> str:

@@ -1,0 +1,167 @@
+"""Predict the peak GPU memory of a gemmatune QLoRA training step before running it.
+
+Why: an out-of-memory error after minutes of loading is the worst way to learn that a
+sequence length does not fit. `load_model` and the notebooks call `check_fits` to warn
+early and suggest a length that fits the GPU in hand.
+
+The model, in bytes (T = batch x sequence tokens):
+
+    static       4-bit weights (0.5 byte + 1/64 byte of double-quantised scale per weight),
+                 the unquantised rest in the compute dtype (token embeddings/LM head, norms),
+                 LoRA weights + gradients in fp32 and 8-bit AdamW states (10 bytes per LoRA
+                 weight), one dequantisation workspace (the largest projection);
+    per token    what one decoder layer holds while the backward recomputes it (its MLP and
+                 attention activations and their gradients), the per-layer-embedding inputs
+                 of all layers, the hidden states the loss keeps, and with checkpointing "on"
+                 every layer's saved input; multiplied by ACTIVATION_SCALE, fitted once to
+                 the H200 measurements (benchmarks/results/*-h200-memory.json);
+    attention    the fp32 score matrix of math attention (full layers, short sequences), and
+                 the sliding-window masks transformers builds, seq x seq per row (4 bytes
+                 per token pair, fitted: the measured peak grows with seq^2 beyond 8k);
+    loss         one chunk of logits of the fused cross-entropy (its memory budget).
+
+The per-layer-embedding table is not counted: it stays in CPU memory. tests/test_memory.py
+checks the prediction against every committed GPU measurement (within 10%).
+"""
+import torch
+from torch import nn
+
+GIB = 2**30
+ACTIVATION_SCALE = 0.7  # fitted on the H200 measurements, see the module docstring
+MASK_BYTES_PER_TOKEN_PAIR = 4  # sliding-window masks: grows with seq^2, fitted on the H200 sweep
+CE_BUDGET_MIB = 192     # gemmatune.kernels.fused_linear_ce default chunk budget
+LORA_BYTES_PER_WEIGHT = 4 + 4 + 2  # fp32 weight, fp32 gradient, two 8-bit Adam states
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def text_config_of(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def architecture(model_or_config, lora_rank: int = 16) -> dict:
+    """Weights by kind and the widest layer's sizes, read off a meta-device copy of the
+    language model (no memory used, every per-layer variation of Gemma 4 included)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ForCausalLM
+
+    config = text_config_of(model_or_config)
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(config)
+    arch = {"quantized": 0, "dense": 0, "lora": 0, "largest_linear": 0, "intermediate": 0, "q_dim": 0,
+            "kv_dim": 0, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
+            "ple_dim": config.hidden_size_per_layer_input or 0, "heads": config.num_attention_heads,
+            "vocab": config.vocab_size}
+    seen = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or "lm_head" in name:
+            continue
+        seen.add(id(module.weight))
+        arch["quantized"] += module.weight.numel()
+        arch["largest_linear"] = max(arch["largest_linear"], module.weight.numel())
+        kind = name.rsplit(".", 1)[-1]
+        widest = {"gate_proj": "intermediate", "q_proj": "q_dim", "k_proj": "kv_dim"}.get(kind)
+        if widest:
+            arch[widest] = max(arch[widest], module.out_features)
+        if kind in LORA_TARGETS and not (kind in ("k_proj", "v_proj") and _is_kv_shared(model, name)):
+            arch["lora"] += lora_rank * (module.in_features + module.out_features)
+    for name, param in model.named_parameters():
+        if id(param) not in seen and "embed_tokens_per_layer" not in name:
+            arch["dense"] += param.numel()
+    return arch
+
+
+def _is_kv_shared(model, linear_name: str) -> bool:
+    attention = model.get_submodule(linear_name.rsplit(".", 1)[0])
+    return bool(getattr(attention, "is_kv_shared_layer", False))
+
+
+def bytes_per_token(arch: dict, checkpointing: str, dtype_bytes: int = 2) -> float:
+    """Activation bytes per token at the peak (before ACTIVATION_SCALE)."""
+    hidden, layers = arch["hidden"], arch["layers"]
+    one_layer = 5 * arch["intermediate"] + 6 * arch["q_dim"] + 4 * arch["kv_dim"] + 14 * hidden
+    per_layer_inputs = 3 * layers * arch["ple_dim"]
+    loss_side = 4 * hidden
+    saved_inputs = {"offload": 0, "on": layers * hidden, "off": layers * one_layer}[checkpointing]
+    return dtype_bytes * (one_layer + per_layer_inputs + loss_side + saved_inputs)
+
+
+def math_attention_bytes(arch: dict, seq: int, batch: int) -> int:
+    """fp32 scores and their gradient in one full-attention call, when the math path runs
+    (gemmatune.attention.use_math_attention)."""
+    from gemmatune.attention import MATH_SCORES_BUDGET
+
+    scores = batch * arch["heads"] * seq * seq * 4
+    return 2 * scores if scores <= MATH_SCORES_BUDGET else 0
+
+
+def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
+                       checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None) -> dict:
+    """The predicted peak, by component (bytes); "total" is what to compare with the GPU."""
+    arch = arch or architecture(model_or_config, lora_rank)
+    tokens = seq * batch
+    parts = {
+        "weights": arch["quantized"] * (0.5 + 1 / 64) + arch["dense"] * dtype_bytes,
+        "lora_and_optimizer": arch["lora"] * LORA_BYTES_PER_WEIGHT,
+        "dequant_workspace": arch["largest_linear"] * dtype_bytes,
+        "activations": ACTIVATION_SCALE * tokens * bytes_per_token(arch, checkpointing, dtype_bytes),
+        "attention": math_attention_bytes(arch, seq, batch),
+        "masks": MASK_BYTES_PER_TOKEN_PAIR * batch * seq * seq,
+        "loss_chunk": min(CE_BUDGET_MIB * 2**20, tokens * arch["vocab"] * dtype_bytes),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
+                     checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None) -> float:
+    parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch)
+    return parts["total"] / GIB
+
+
+def longest_fitting_seq(model_or_config, budget_gib: float, batch: int = 1, lora_rank: int = 16,
+                        checkpointing: str = "offload", multiple: int = 256, arch: dict | None = None) -> int:
+    """The longest sequence (a multiple of `multiple`) predicted to fit in `budget_gib`."""
+    arch = arch or architecture(model_or_config, lora_rank)
+    low, high = 0, 1 << 20
+    while high - low > multiple:
+        mid = (low + high) // 2 // multiple * multiple
+        fits = predict_peak_gib(model_or_config, mid, batch, lora_rank, checkpointing, arch=arch) <= budget_gib
+        low, high = (mid, high) if fits else (low, mid)
+    return low
+
+
+def check_fits(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16, checkpointing: str = "offload",
+               free_gib: float | None = None, headroom: float = 0.9, arch: dict | None = None) -> str | None:
+    """A warning with a suggestion when the step is predicted not to fit, else None.
+    `free_gib`: memory the training may use (default: this GPU's free memory plus what the
+    model already holds)."""
+    if free_gib is None:
+        if not torch.cuda.is_available():
+            return None
+        free_gib = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()) / GIB
+    arch = arch or architecture(model_or_config, lora_rank)
+    need = predict_peak_gib(model_or_config, seq, batch, lora_rank, checkpointing, arch=arch)
+    budget = free_gib * headroom
+    if need <= budget:
+        return None
+    longest = longest_fitting_seq(model_or_config, budget, batch, lora_rank, checkpointing, arch=arch)
+    return (f"predicted peak {need:.1f} GiB for batch {batch} x {seq} tokens does not fit the "
+            f"{free_gib:.1f} GiB this GPU has: use max_seq_length <= {longest} at batch {batch}, "
+            f"or a smaller batch with more gradient accumulation")
+
+
+def usable_gib() -> float | None:
+    """GPU memory training may use: free now plus what this process already holds."""
+    if not torch.cuda.is_available():
+        return None
+    return (torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()) / GIB
+
+
+def choose_checkpointing(model, seq: int, batch: int = 1, lora_rank: int = 16, free_gib: float | None = None) -> str:
+    """"on" (saved layer inputs stay on the GPU: no copies, faster) when that is predicted to
+    use at most 70% of the usable GPU memory, else "offload" (inputs in CPU memory)."""
+    free_gib = usable_gib() if free_gib is None else free_gib
+    if free_gib is None:
+        return "offload"
+    need = predict_peak_gib(model, seq, batch, lora_rank, checkpointing="on")
+    return "on" if need <= 0.7 * free_gib else "offload"
