@@ -52,7 +52,8 @@ def random_batch(seq: int, batch: int, vocab: int = 262144):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def run_hf(ckpt: str, seq: int, batch: int, steps: int, dtype: torch.dtype) -> dict:
+def setup_hf(ckpt: str, seq: int, batch: int, dtype: torch.dtype):
+    """The stock stack, ready to step: (step function, model, time loaded, GiB of weights)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -77,60 +78,73 @@ def run_hf(ckpt: str, seq: int, batch: int, steps: int, dtype: torch.dtype) -> d
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return measure(step, steps, loaded, weights, seq * batch, model)
+    return step, model, loaded, weights
 
 
-def run_gemmatune(ckpt: str, seq: int, batch: int, steps: int, dtype: torch.dtype) -> dict:
-    import bitsandbytes as bnb
-
+def setup_gemmatune(ckpt: str, seq: int, batch: int, dtype: torch.dtype, graphs: bool = True):
+    """gemmatune, ready to step: (step function, model, time loaded, GiB of weights)."""
     import gemmatune
-    from gemmatune.loss import causal_lm_loss, count_label_tokens
+    from gemmatune.graphs import MicroStep
+    from gemmatune.loss import count_label_tokens
+    from gemmatune.memory import choose_checkpointing
+    from gemmatune.trainer import adamw_8bit
     from gemmatune.patching import enable_gradient_checkpointing
 
     model, _ = gemmatune.load_model(ckpt, max_seq_length=seq, dtype=dtype, verbose=True)
     loaded = time.perf_counter()
     weights = torch.cuda.memory_allocated() / GIB
     model = gemmatune.add_lora(model, r=16)
-    enable_gradient_checkpointing(model, "offload")
+    mode = choose_checkpointing(model, seq, batch)  # what gemmatune.train picks ("auto")
+    enable_gradient_checkpointing(model, mode)
     model.train()
-    optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = adamw_8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     cpu_batch = random_batch(seq, batch)
     n_tokens = count_label_tokens([cpu_batch])
+    micro_step = MicroStep(model, cuda_graphs=graphs)  # what gemmatune.train runs
 
     def step():
-        data = {k: v.cuda(non_blocking=True) for k, v in cpu_batch.items()}
-        loss = causal_lm_loss(model, data, normalizer=n_tokens)
-        loss.backward()
+        loss = micro_step(cpu_batch, normalizer=n_tokens)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)
         return loss
 
+    step.micro_step = micro_step
+    step.checkpointing = mode
+    return step, model, loaded, weights
+
+
+def run_stack(stack: str, ckpt: str, seq: int, batch: int, steps: int, dtype: torch.dtype) -> dict:
+    setup = {"hf": setup_hf, "gemmatune": setup_gemmatune}[stack]
+    step, model, loaded, weights = setup(ckpt, seq, batch, dtype)
     return measure(step, steps, loaded, weights, seq * batch, model)
 
 
 def measure(step, steps: int, loaded: float, weights_gib: float, tokens: int, model) -> dict:
+    """first_step_s: load_model returning -> first optimizer step done. Then one more untimed
+    step (gemmatune captures its CUDA graph on the second step of a shape) and `steps` timed."""
     torch.cuda.reset_peak_memory_stats()
-    loss = step()
-    torch.cuda.synchronize()
+    losses = [float(step())]
     first_step_s = time.perf_counter() - loaded
     grads_finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    losses.append(float(step()))
+    torch.cuda.synchronize()
     start = time.perf_counter()
-    losses = [float(loss)]
-    for _ in range(steps - 1):
+    for _ in range(steps):
         losses.append(float(step()))
     torch.cuda.synchronize()
-    per_step = (time.perf_counter() - start) / max(1, steps - 1)
+    per_step = (time.perf_counter() - start) / steps
     return dict(peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
                 peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, weights_gib=weights_gib,
                 tokens_per_s=tokens / per_step, first_step_s=first_step_s, losses=losses,
-                loss_finite=all(math.isfinite(x) for x in losses), first_step_grads_finite=bool(grads_finite))
+                loss_finite=all(math.isfinite(x) for x in losses), first_step_grads_finite=bool(grads_finite),
+                notes=getattr(getattr(step, "micro_step", None), "describe", lambda: "")(),
+                checkpointing=getattr(step, "checkpointing", "on (non-reentrant)"))
 
 
 def worker(args) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    runner = {"hf": run_hf, "gemmatune": run_gemmatune}[args.stack]
     try:
-        result = runner(args.ckpt, args.seq, args.batch, args.steps, dtype)
+        result = run_stack(args.stack, args.ckpt, args.seq, args.batch, args.steps, dtype)
     except torch.OutOfMemoryError as error:
         result = {"error": f"out of memory: {str(error)[:200]}"}
     print("RESULT " + json.dumps(result), flush=True)
