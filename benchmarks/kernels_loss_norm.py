@@ -1,6 +1,6 @@
 """Benchmark: fused linear CE, RMSNorm and GEGLU against eager PyTorch and Liger Kernel (if installed).
 
-`run(record)` times forward + backward (triton.testing.do_bench, median), measures the peak
+`run(record)` times forward + backward (median of CUDA-graph replays, benchmarks/timing.py), measures the peak
 memory a call adds on top of its inputs (max_memory_allocated after reset_peak_memory_stats,
 minus the baseline), and the relative error (norm-wise, the worst of the output and its
 gradients) against an fp64 computation of the same inputs. For the memory-bound RMSNorm and
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from gemmatune.kernels.geglu import geglu, geglu_reference
 from gemmatune.kernels.rms_norm import rms_norm, rms_norm_reference
+
+from benchmarks.timing import median_ms
 
 SIZES = {"E2B": dict(hidden=1536, intermediate=6144), "E4B": dict(hidden=2560, intermediate=10240)}
 TOKENS, VOCAB, SOFTCAP, DTYPE = 2048, 262144, 30.0, torch.bfloat16
@@ -51,9 +53,7 @@ def _rel_err(a, b):
 
 
 def _measure(fn, inputs, grad_out, reference_results):
-    """(median ms of forward + backward, peak extra MiB, worst relative error vs fp64)."""
-    import triton.testing
-
+    """(median ms of forward + backward, peak extra MiB, worst relative error vs fp64, timing)."""
     leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
 
     def step():
@@ -72,8 +72,8 @@ def _measure(fn, inputs, grad_out, reference_results):
     results = [out.detach()] + [t.grad for t in leaves]
     err = max(_rel_err(r, ref) for r, ref in zip(results, reference_results))
     del out, results
-    ms = triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median")
-    return ms, peak_mib, err
+    ms, timing = median_ms(step, grad_to_none=leaves)
+    return ms, peak_mib, err, timing
 
 
 def _fp64_results(fn, inputs, grad_out):
@@ -117,9 +117,9 @@ def run(record):
         if "ce" in liger:
             impls["liger"] = liger["ce"]
         for impl, fn in impls.items():
-            ms, mib, err = _measure(fn, (h, w, labels), None, ref)
+            ms, mib, err, timing = _measure(fn, (h, w, labels), None, ref)
             record(dict(kernel="fused_linear_ce", impl=impl, shape=f"{size_name} N{TOKENS} H{H} V{VOCAB}",
-                        dtype=str(DTYPE), median_ms=ms, peak_extra_mib=mib, rel_err=err, gbps=None))
+                        dtype=str(DTYPE), median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=None))
         del h, w, labels, ref
         torch.cuda.empty_cache()
 
@@ -133,9 +133,9 @@ def run(record):
             impls["liger"] = liger["rms"]
         bytes_moved = 5 * x.numel() * x.element_size()
         for impl, fn in impls.items():
-            ms, mib, err = _measure(fn, (x, wn), dy, ref)
+            ms, mib, err, timing = _measure(fn, (x, wn), dy, ref)
             record(dict(kernel="rms_norm", impl=impl, shape=f"{size_name} N{TOKENS} H{H}", dtype=str(DTYPE),
-                        median_ms=ms, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+                        median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
 
         # --- GEGLU: bytes = forward reads g, u, writes out; backward reads d out, g, u, writes dg, du
         g = (3 * torch.randn(TOKENS, I, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
@@ -147,9 +147,9 @@ def run(record):
             impls["liger"] = liger["geglu"]
         bytes_moved = 8 * g.numel() * g.element_size()
         for impl, fn in impls.items():
-            ms, mib, err = _measure(fn, (g, u), do, ref)
+            ms, mib, err, timing = _measure(fn, (g, u), do, ref)
             record(dict(kernel="geglu", impl=impl, shape=f"{size_name} N{TOKENS} I{I}", dtype=str(DTYPE),
-                        median_ms=ms, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+                        median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
         del x, wn, dy, g, u, do, ref
         torch.cuda.empty_cache()
 

@@ -16,6 +16,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median_ms
+
 TOKENS = 2048
 QK_SHAPES = [  # (name, heads, head_dim, layer_type)
     ("q_sliding_8x256", 8, 256, "sliding_attention"),
@@ -32,16 +34,16 @@ RANK, SCALE = 16, 2.0
 
 
 def _median_ms(fn, cuda):
+    """(median ms, timing label): CUDA-graph replays on a GPU (benchmarks/timing.py)."""
     if cuda:
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return median_ms(fn)
     fn()
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[1]
+    return sorted(times)[1], "cpu"
 
 
 def _peak_extra_mib(fn, cuda):
@@ -65,13 +67,13 @@ def _rel(a, ref):
 def _ceilings(record, dev, cuda):
     n = 256 * 2**20 if cuda else 2**20
     src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
-    ms = _median_ms(lambda: dst.copy_(src), cuda)
-    record(dict(kernel="copy_ceiling", impl="torch", shape=f"{n} bytes", dtype="uint8", median_ms=ms,
+    ms, timing = _median_ms(lambda: dst.copy_(src), cuda)
+    record(dict(kernel="copy_ceiling", impl="torch", shape=f"{n} bytes", dtype="uint8", median_ms=ms, timing=timing,
                 peak_extra_mib=0.0, rel_err=0.0, gbps=2 * n / ms / 1e6))
     m = 4096 if cuda else 128
     a = torch.randn(m, m, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
-    ms = _median_ms(lambda: a @ a, cuda)
-    record(dict(kernel="mm_ceiling", impl="torch", shape=f"{m}x{m}x{m}", dtype=str(a.dtype), median_ms=ms,
+    ms, timing = _median_ms(lambda: a @ a, cuda)
+    record(dict(kernel="mm_ceiling", impl="torch", shape=f"{m}x{m}x{m}", dtype=str(a.dtype), median_ms=ms, timing=timing,
                 peak_extra_mib=0.0, rel_err=0.0, gbps=None, tflops=2 * m**3 / ms / 1e9))
 
 
@@ -121,13 +123,13 @@ def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
             try:
                 y = fwd()
                 rel = _rel(y, y64)
-                ms = _median_ms(step, cuda)
+                ms, timing = _median_ms(step, cuda)
                 mib = _peak_extra_mib(step, cuda)
             except Exception as e:
                 print(f"[kernels_rope_nf4] qk_norm_rope {impl} {name} failed: {e!r}")
                 continue
             record(dict(kernel="qk_norm_rope_fwd_bwd", impl=impl, shape=f"{tokens}x{H}x{D}", dtype=str(dtype),
-                        median_ms=ms, peak_extra_mib=mib, rel_err=rel, gbps=n_bytes / ms / 1e6))
+                        median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=rel, gbps=n_bytes / ms / 1e6))
 
 
 def _quantize(out_f, in_f, dtype, dev, seed):
@@ -156,9 +158,9 @@ def _bench_nf4(record, dev, dtype, cuda, shapes):
                          ("bitsandbytes", lambda: bnbF.dequantize_4bit(w, qs))):
             got = fn()
             rel = 0.0 if torch.equal(got, expected) else _rel(got, expected)
-            ms = _median_ms(fn, cuda)
+            ms, timing = _median_ms(fn, cuda)
             record(dict(kernel="dequantize_nf4", impl=impl, shape=f"{name}:{out_f}x{in_f}", dtype=str(dtype),
-                        median_ms=ms, peak_extra_mib=_peak_extra_mib(fn, cuda), rel_err=rel,
+                        median_ms=ms, timing=timing, peak_extra_mib=_peak_extra_mib(fn, cuda), rel_err=rel,
                         gbps=n_bytes / ms / 1e6))
 
 
@@ -190,11 +192,11 @@ def _bench_lora(record, dev, dtype, cuda, tokens, shapes):
                 torch.autograd.grad(y, (x, A, B), g)
                 return y
             rel = _rel(fwd().detach(), y64)
-            ms = _median_ms(step, cuda)
+            ms, timing = _median_ms(step, cuda)
             release_workspace()  # count the workspace in the peak, like bnb's transient W
             mib = _peak_extra_mib(step, cuda)
             record(dict(kernel="lora_nf4_linear_fwd_bwd", impl=impl, shape=f"{name}:{tokens}x{in_f}->{out_f} r{RANK}",
-                        dtype=str(dtype), median_ms=ms, peak_extra_mib=mib, rel_err=rel, gbps=None,
+                        dtype=str(dtype), median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=rel, gbps=None,
                         tflops=flops / ms / 1e9))
         del y64
 
