@@ -73,8 +73,8 @@ def _ceilings(record, dev, cuda):
     m = 4096 if cuda else 128
     a = torch.randn(m, m, device=dev, dtype=torch.bfloat16 if cuda else torch.float32)
     ms, timing = _median_ms(lambda: a @ a, cuda)
-    record(dict(kernel="mm_ceiling", impl="torch", shape=f"{m}x{m}x{m}", dtype=str(a.dtype), median_ms=ms, timing=timing,
-                peak_extra_mib=0.0, rel_err=0.0, gbps=None, tflops=2 * m**3 / ms / 1e9))
+    record(dict(kernel="mm_ceiling", impl="torch", shape=f"{m}x{m}x{m}", dtype=str(a.dtype), median_ms=ms,
+                timing=timing, peak_extra_mib=0.0, rel_err=0.0, gbps=None, tflops=2 * m**3 / ms / 1e9))
 
 
 def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):

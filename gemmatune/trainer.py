@@ -9,7 +9,6 @@ the notebook's stop button saves the adapter before returning: training is never
 """
 import math
 import random
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

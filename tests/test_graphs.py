@@ -76,7 +76,8 @@ def test_long_padding_gives_finite_gradients(tiny_dir):
     model, _ = lora_model()
     model.train()
     window = unwrap_config(model).sliding_window
-    rows = random_rows(2, seed=1, min_len=8, max_len=9) + random_rows(1, seed=2, min_len=3 * window, max_len=3 * window + 1)
+    long_row = random_rows(1, seed=2, min_len=3 * window, max_len=3 * window + 1)
+    rows = random_rows(2, seed=1, min_len=8, max_len=9) + long_row
     batch = collate(rows, pad_token_id=0)
     assert (batch["attention_mask"] == 0).sum(1).max() > 2 * window
     n = count_label_tokens([batch])

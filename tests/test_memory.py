@@ -30,8 +30,11 @@ def test_there_are_measurements_to_check():
     assert {"e2b", "e4b"} <= names
 
 
-@pytest.mark.parametrize("source,record", measured_records(),
-                         ids=lambda x: x if isinstance(x, str) else f"{x['model']}-{x.get('checkpointing', 'offload')}-{x['seq']}")
+def record_id(x):
+    return x if isinstance(x, str) else f"{x['model']}-{x.get('checkpointing', 'offload')}-{x['seq']}-{x['dtype']}"
+
+
+@pytest.mark.parametrize("source,record", measured_records(), ids=record_id)
 def test_prediction_within_10_percent(source, record, archs):
     mode = record.get("checkpointing", "offload")
     dtype_bytes = 2  # bf16 and fp16 alike
