@@ -13,8 +13,8 @@ replays. Graphs of different shapes share one memory pool.
 
 What stays outside the graph: the per-layer-embedding gather on the CPU (written into a
 pinned buffer the graph copies from), the optimizer step and gradient clipping. LoRA
-gradients accumulate in place into `.grad` tensors that must stay put, so the optimizer
-must zero them with `zero_grad(set_to_none=False)`.
+gradients accumulate in place into the `.grad` tensors seen at capture; zero them with
+`zero_grad(set_to_none=False)` (a replay re-attaches them if they were set to None).
 
 When a step is not graphed (it runs eagerly, with the same result): no CUDA, the model
 not in training mode, LoRA dropout (its random masks would be frozen into the graph),
@@ -57,6 +57,16 @@ class _Graph:
         self.staged = staged          # HostEmbedding -> pinned rows buffer the graph copies from
         self.keep_alive = keep_alive  # host/device buffers whose addresses the graph recorded
         self.loss = None
+        self.grads: list[tuple[torch.nn.Parameter, torch.Tensor]] = []  # (param, the .grad it adds into)
+
+    def reattach_grads(self) -> None:
+        """Point every .grad back at the tensor the graph adds into. Someone may have set the
+        grads to None (zero_grad's default) or replaced them: the graph would then add into
+        tensors nobody reads. None restarts from zero; a replaced grad's values are kept."""
+        for param, captured in self.grads:
+            if param.grad is not captured:
+                captured.zero_() if param.grad is None else captured.copy_(param.grad)
+                param.grad = captured
 
 
 class MicroStep:
@@ -140,6 +150,7 @@ class MicroStep:
         if [p.grad.data_ptr() for p in params] != grad_ptrs:
             raise RuntimeError("the captured backward replaced .grad tensors instead of accumulating into them")
         g.loss = loss.detach()
+        g.grads = [(p, p.grad) for p in params]
         g.keep_alive = [f.buffer for f in _checkpoint_functions(self.model)]
         g.keep_alive += list(lora_nf4_linear._WORKSPACE.values())
         return g
@@ -152,6 +163,7 @@ class MicroStep:
         g.input_ids.copy_(batch["input_ids"], non_blocking=True)
         g.labels.copy_(batch["labels"], non_blocking=True)
         g.normalizer.fill_(float(normalizer))
+        g.reattach_grads()
         g.graph.replay()
         self.replay_done = torch.cuda.Event()
         self.replay_done.record()

@@ -21,6 +21,23 @@ def test_is_right_padded():
     assert is_right_padded(None)
 
 
+def test_replay_reattaches_grads_set_to_none_or_replaced():
+    """A graph adds into the .grad tensors it saw at capture: after zero_grad(set_to_none=True)
+    or a replaced .grad, the next replay must add into tensors the optimizer reads."""
+    from gemmatune.graphs import _Graph
+
+    param = torch.nn.Parameter(torch.zeros(3))
+    captured = torch.full((3,), 5.0)
+    graph = _Graph.__new__(_Graph)  # no CUDA graph needed for the bookkeeping
+    graph.grads = [(param, captured)]
+    param.grad = None
+    graph.reattach_grads()
+    assert param.grad is captured and torch.equal(captured, torch.zeros(3))
+    param.grad = torch.ones(3)
+    graph.reattach_grads()
+    assert param.grad is captured and torch.equal(captured, torch.ones(3))
+
+
 def test_collate_rounds_length_up():
     rows = random_rows(3, min_len=5, max_len=40)
     batch = collate(rows, pad_token_id=0, pad_to_multiple_of=64)
