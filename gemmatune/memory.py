@@ -18,7 +18,9 @@ The model, in bytes (T = batch x sequence tokens):
     attention    the fp32 score matrix of math attention (full layers, short sequences), and
                  the sliding-window masks transformers builds, seq x seq per row (4 bytes
                  per token pair, fitted: the measured peak grows with seq^2 beyond 8k);
-    loss         one chunk of logits of the fused cross-entropy (its memory budget).
+    loss         one chunk of logits of the fused cross-entropy (its memory budget);
+    fp16         the overflow clamp on each layer's output keeps the unclamped output for its
+                 backward: one hidden state per layer per token.
 
 The per-layer-embedding table is not counted: it stays in CPU memory. tests/test_memory.py
 checks the prediction against every committed GPU measurement (within 10%).
@@ -95,7 +97,8 @@ def math_attention_bytes(arch: dict, seq: int, batch: int) -> int:
 
 
 def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
-                       checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None) -> dict:
+                       checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
+                       fp16: bool = False) -> dict:
     """The predicted peak, by component (bytes); "total" is what to compare with the GPU."""
     arch = arch or architecture(model_or_config, lora_rank)
     tokens = seq * batch
@@ -107,25 +110,38 @@ def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int
         "attention": math_attention_bytes(arch, seq, batch),
         "masks": MASK_BYTES_PER_TOKEN_PAIR * batch * seq * seq,
         "loss_chunk": min(CE_BUDGET_MIB * 2**20, tokens * arch["vocab"] * dtype_bytes),
+        "fp16_clamps": tokens * arch["layers"] * arch["hidden"] * dtype_bytes if fp16 else 0,
     }
     parts["total"] = sum(parts.values())
     return parts
 
 
 def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
-                     checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None) -> float:
-    parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch)
+                     checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
+                     fp16: bool | None = None) -> float:
+    """Predicted peak GiB; `fp16` defaults to whether the model computes in float16 (a T4)."""
+    if fp16 is None:
+        fp16 = _computes_in_fp16(model_or_config)
+    parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch, fp16)
     return parts["total"] / GIB
+
+
+def _computes_in_fp16(model_or_config) -> bool:
+    if not isinstance(model_or_config, nn.Module):
+        return False
+    return any(p.dtype == torch.float16 for p in model_or_config.parameters() if p.dtype.is_floating_point)
 
 
 def longest_fitting_seq(model_or_config, budget_gib: float, batch: int = 1, lora_rank: int = 16,
                         checkpointing: str = "offload", multiple: int = 256, arch: dict | None = None) -> int:
     """The longest sequence (a multiple of `multiple`) predicted to fit in `budget_gib`."""
     arch = arch or architecture(model_or_config, lora_rank)
+    fp16 = _computes_in_fp16(model_or_config)
     low, high = 0, 1 << 20
     while high - low > multiple:
         mid = (low + high) // 2 // multiple * multiple
-        fits = predict_peak_gib(model_or_config, mid, batch, lora_rank, checkpointing, arch=arch) <= budget_gib
+        need = predict_peak_gib(model_or_config, mid, batch, lora_rank, checkpointing, arch=arch, fp16=fp16)
+        fits = need <= budget_gib
         low, high = (mid, high) if fits else (low, mid)
     return low
 
