@@ -6,20 +6,9 @@ import torch.nn.functional as F
 
 from gemmatune.kernels import fused_linear_ce as mod
 from gemmatune.kernels._backend import use_triton
+from tests.kernels.helpers import gpu, rel_err
 
 IGNORE = -100
-HAS_CUDA = torch.cuda.is_available()
-
-
-def gpu(test):
-    """Marked `gpu` (deselected by default, run with -m gpu) and skipped without CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
-
-
-def rel_err(a, b):
-    """Norm-wise relative error ||a - b|| / ||b||, in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def make_case(n, hidden, vocab, dtype=torch.float32, device="cpu", seed=0, ignore_every=3, logit_std=4.0):

@@ -3,7 +3,6 @@
 TRITON_INTERPRET is read when @triton.jit decorates a kernel (first import of the kernel
 module), so it is set here before that import, and only where there is no GPU.
 """
-import json
 import os
 
 import torch
@@ -17,6 +16,7 @@ import pytest  # noqa: E402
 
 from gemmatune.kernels import lora_nf4_linear as mod  # noqa: E402
 from gemmatune.kernels._backend import use_triton  # noqa: E402
+from tests.kernels.helpers import log_error, rel_max_err  # noqa: E402
 
 
 def _layer(out_f, in_f, r, dtype, nested=True, bias=False, device="cpu", seed=0, quant_dtype=None):
@@ -116,17 +116,6 @@ def test_refuses_mismatched_shapes():
 
 
 # --------------------------------------------------------------------------- GPU tests
-def _log(record):
-    path = os.environ.get("GEMMATUNE_ERR_LOG")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _rel(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 # (name, out, in): q/o/gate/up/down projections of E2B (hidden 1536, inter 6144, 8 x 256 q heads;
 # full layers 8 x 512) and E4B (hidden 2560, inter 10240).
 GPU_SHAPES = [("e2b_q", 2048, 1536), ("e2b_q_full", 4096, 1536), ("e2b_o", 1536, 2048),
@@ -164,7 +153,7 @@ def test_gpu_error_vs_fp64(dtype, name, out_f, in_f):
     eps = torch.finfo(dtype).eps
     for tname, a, b, ref in zip(("y", "dx", "dA", "dB"), ours, theirs, refs):
         assert torch.isfinite(a).all()
-        e_k, e_t = _rel(a, ref), _rel(b, ref)
-        _log(dict(test="lora_nf4_linear", shape=name, dtype=str(dtype), tensor=tname,
+        e_k, e_t = rel_max_err(a, ref), rel_max_err(b, ref)
+        log_error(dict(test="lora_nf4_linear", shape=name, dtype=str(dtype), tensor=tname,
                   rel_err_kernel=e_k, rel_err_torch=e_t))
         assert e_k <= FACTOR * e_t + 4 * eps, (tname, e_k, e_t)

@@ -3,7 +3,6 @@
 TRITON_INTERPRET is read when @triton.jit decorates a kernel, i.e. when the kernel module is
 first imported, so it is set here before that import (only where there is no GPU).
 """
-import json
 import os
 
 import torch
@@ -21,6 +20,7 @@ from transformers.models.gemma4.modeling_gemma4 import (  # noqa: E402
 
 from gemmatune.kernels import qk_norm_rope as mod  # noqa: E402
 from gemmatune.kernels._backend import use_triton  # noqa: E402
+from tests.kernels.helpers import log_error, rel_max_err  # noqa: E402
 
 LAYER_KINDS = ["sliding_attention", "full_attention"]  # default RoPE / proportional partial RoPE
 
@@ -129,17 +129,6 @@ def test_refuses_bad_shapes():
 
 
 # --------------------------------------------------------------------------- GPU tests
-def _log(record):
-    path = os.environ.get("GEMMATUNE_ERR_LOG")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _rel(a, ref):
-    return ((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 # The kernel does the eager roundings in the forward and keeps more in fp32 in the backward, so
 # its error against fp64 should match plain PyTorch's; factor 2 absorbs reduction-order noise
 # (a different sum order can land on the other side of a rounding boundary). The floor of
@@ -176,8 +165,8 @@ def test_gpu_error_vs_fp64(dtype, layer_type, H):
     eps = torch.finfo(dtype).eps
     for name, a, b, ref in zip(("y", "dx", "dw"), ours, theirs, (y64, dx64, dw64)):
         assert torch.isfinite(a).all()
-        e_k, e_t = _rel(a, ref), _rel(b, ref)
-        _log(dict(test="qk_norm_rope", layer=layer_type, heads=H, dtype=str(dtype), tensor=name,
+        e_k, e_t = rel_max_err(a, ref), rel_max_err(b, ref)
+        log_error(dict(test="qk_norm_rope", layer=layer_type, heads=H, dtype=str(dtype), tensor=name,
                   rel_err_kernel=e_k, rel_err_torch=e_t))
         assert e_k <= FACTOR * e_t + 4 * eps, (name, e_k, e_t)
     if dtype != torch.float32:  # forward roundings are the eager ones: nearly all elements identical

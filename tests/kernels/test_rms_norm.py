@@ -6,19 +6,8 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
 from gemmatune.kernels import rms_norm as mod
 from gemmatune.kernels._backend import use_triton
+from tests.kernels.helpers import gpu, rel_err
 
-HAS_CUDA = torch.cuda.is_available()
-
-
-def gpu(test):
-    """Marked `gpu` (deselected by default, run with -m gpu) and skipped without CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(test))
-
-
-def rel_err(a, b):
-    """Norm-wise relative error ||a - b|| / ||b||, in fp64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def make_case(shape, with_weight, dtype=torch.float32, device="cpu", seed=0):
