@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gemma4_configs import CONFIGS
-from gemmatune.memory import architecture, check_fits, longest_fitting_seq, predict_peak_gib
+from gemmatune.memory import architecture, check_fits, choose_checkpointing, longest_fitting_seq, predict_peak_gib
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -58,3 +58,9 @@ def test_check_fits_warns_with_a_suggestion(archs):
     suggested = int(message.split("max_seq_length <= ")[1].split()[0])
     assert 0 < suggested < 32768
     assert check_fits(None, suggested, free_gib=8.0, arch=archs["e2b"]) is None
+
+
+def test_auto_checkpointing_keeps_inputs_on_the_gpu_only_when_they_fit():
+    e2b = CONFIGS["e2b"]()
+    assert choose_checkpointing(e2b, 2048, free_gib=80.0) == "on"       # an H200: plenty of room
+    assert choose_checkpointing(e2b, 16384, free_gib=8.0) == "offload"  # an 8 GB card at 16k tokens
