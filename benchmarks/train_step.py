@@ -24,7 +24,8 @@ import torch
 # The repo root replaces this script's folder on the path: transformers probes `import kernels`,
 # which must not find benchmarks/kernels.py.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-GIB = 2**30
+
+from gemmatune.memory import GIB  # noqa: E402
 
 
 def build_checkpoint(model: str, folder: Path) -> None:

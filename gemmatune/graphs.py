@@ -27,7 +27,7 @@ from torch import nn
 
 from gemmatune.checkpointing import OffloadedCheckpoint
 from gemmatune.kernels import lora_nf4_linear
-from gemmatune.loss import causal_lm_loss, is_right_padded
+from gemmatune.loss import causal_lm_loss, is_right_padded, without_needless_mask
 from gemmatune.ple import HostEmbedding
 
 MAX_GRAPHS = 8  # batch shapes kept; later new shapes run eagerly
@@ -88,6 +88,7 @@ class MicroStep:
 
     # -- eager -------------------------------------------------------------------------
     def eager(self, batch: dict, normalizer) -> torch.Tensor:
+        batch = without_needless_mask(batch)  # checked on the CPU copy: no wait for the GPU
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         loss = causal_lm_loss(self.model, batch, normalizer=normalizer, fused=self.fused)
         loss.backward()

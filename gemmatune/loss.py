@@ -38,19 +38,24 @@ def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def model_inputs(batch: dict) -> dict:
-    """The batch minus labels, and minus the attention mask of a right-padded text batch.
+def without_needless_mask(batch: dict) -> dict:
+    """The batch minus the attention mask of a right-padded text batch.
 
     Why drop it: with right padding a causal token never attends to the padding after it,
     so the mask changes no trained token. Keeping it is harmful: in a sliding-window layer a
     padding position more than a window past the last real token has no key left to attend
     to, its softmax is 0/0, and the NaN flows back into every LoRA gradient through the
     zero-weighted loss (tests/test_graphs.py). Image/audio batches keep their mask.
+    Call it on the CPU batch where possible: on a GPU mask the check waits for the GPU.
     """
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if set(inputs) == {"input_ids", "attention_mask"} and is_right_padded(inputs["attention_mask"]):
-        del inputs["attention_mask"]
-    return inputs
+    if set(batch) - {"labels"} == {"input_ids", "attention_mask"} and is_right_padded(batch["attention_mask"]):
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model is called with: the batch minus labels and any needless mask."""
+    return {k: v for k, v in without_needless_mask(batch).items() if k != "labels"}
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool = True) -> torch.Tensor:

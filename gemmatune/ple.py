@@ -27,6 +27,7 @@ class HostEmbedding(nn.Module):
         self.embedding_dim = embedding_dim
         self.scalar_embed_scale = embed_scale
         self.table: torch.Tensor | None = None
+        self.scale = embed_scale  # rounded to the table's dtype in load_table
         # Inside a CUDA-graph capture the rows come from a pinned buffer that the caller fills
         # (gemmatune.graphs): the capture records the copy from it, not the CPU gather.
         self.staged: torch.Tensor | None = None
@@ -42,15 +43,12 @@ class HostEmbedding(nn.Module):
             except RuntimeError:  # not enough pinnable memory: pageable still works, a bit slower
                 pass
         self.table = table
+        # embed_scale rounded to the table's dtype, as transformers multiplies by it
+        self.scale = float(torch.tensor(self.scalar_embed_scale, dtype=torch.float32).to(table.dtype))
 
     @property
     def weight(self) -> torch.Tensor:
         return self.table
-
-    @property
-    def scale(self) -> float:
-        """embed_scale rounded to the table's dtype, as transformers multiplies by it."""
-        return float(torch.tensor(self.scalar_embed_scale, dtype=torch.float32).to(self.table.dtype))
 
     def gather(self, input_ids_cpu: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The unscaled rows of these ids, gathered on the CPU (into `out` if given)."""
