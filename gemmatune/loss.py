@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmatune.patching import builds_own_masks
+
 IGNORE_INDEX = -100
 
 
@@ -62,6 +64,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool
     """sum of token losses in `batch` / `normalizer`, via the fused kernel or plain PyTorch."""
     base = unwrap(model)
     inputs = model_inputs(batch)
+    if "attention_mask" not in inputs and builds_own_masks(base.model):
+        inputs["attention_mask"] = {kind: None for kind in set(base.config.get_text_config().layer_types)}
     hidden = base.model(**inputs, use_cache=False).last_hidden_state
     labels = shifted_labels(batch["labels"]).to(hidden.device)
     softcap = base.config.get_text_config().final_logit_softcapping

@@ -11,7 +11,9 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
   -> Triton RMSNorm;
 - Gemma4TextMLP -> gate/up projections, Triton GeGLU, down projection;
 - Gemma4TextAttention (training forward) -> fused q/k RMSNorm + RoPE kernel, weightless
-  v_norm kernel, and math attention for head_dim 512 (SDPA's backward is slow there);
+  v_norm kernel, math attention for head_dim 512 (SDPA's backward is slow there), and,
+  when the caller passes no masks (builds_own_masks), sliding layers that compute only
+  their window (FlashAttention-2's window on CUDA, SDPA block by block elsewhere);
 - peft's LoRA-on-4-bit layers (after add_lora) -> NF4 dequant + matmul + LoRA in one
   autograd function that does not keep the dequantised weight alive for the backward;
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
-from gemmatune.attention import attention_math, use_math_attention
+from gemmatune.attention import attention_math, sliding_window_attention, use_math_attention
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
@@ -73,7 +75,11 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
             value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
         if self.store_full_length_kv:
             shared_kv_states[self.layer_type] = key, value
-        if use_math_attention(query, key) and (attention_mask is None or attention_mask.dtype == torch.bool):
+        if self.sliding_window is not None and attention_mask is None and key.shape[2] > self.sliding_window:
+            # no mask built (see builds_own_masks): only the window's scores are computed
+            out = sliding_window_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                           self.sliding_window, self.scaling)
+        elif use_math_attention(query, key) and (attention_mask is None or attention_mask.dtype == torch.bool):
             if attention_mask is None:  # SDPA would have used is_causal
                 attention_mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool,
                                             device=query.device).tril_(key.shape[2] - query.shape[2])
@@ -85,6 +91,17 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
                             dropout=self.attention_dropout if self.training else 0.0,
                             sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
+def builds_own_masks(text_model: nn.Module) -> bool:
+    """True when every attention layer of this Gemma4TextModel is KernelGemma4Attention, which
+    applies causality and the sliding window itself when it gets no mask: the caller may then
+    pass `attention_mask={"full_attention": None, "sliding_attention": None}` for an unpadded
+    (or right-padded) batch, and transformers builds no seq x seq masks."""
+    if not isinstance(text_model, hf_gemma4.Gemma4TextModel):
+        return False
+    attention = [m for m in text_model.modules() if isinstance(m, hf_gemma4.Gemma4TextAttention)]
+    return bool(attention) and all(type(m) is KernelGemma4Attention for m in attention)
 
 
 def _lora_4bit_class():

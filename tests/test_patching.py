@@ -19,6 +19,7 @@ def loss_and_grads(use_kernels, load_in_4bit=True):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
     batch = collate(random_rows(3, seed=3), pad_token_id=0)
+    assert batch["input_ids"].shape[1] > model.config.get_text_config().sliding_window  # windows really slide
     loss = causal_lm_loss(model, batch, normalizer=count_label_tokens([batch]), fused=use_kernels)
     loss.backward()
     return model, loss.detach(), lora_grads(model)
@@ -28,7 +29,7 @@ def test_patched_model_gives_the_same_loss_and_gradients():
     stock, stock_loss, stock_grads = loss_and_grads(use_kernels=False)
     patched, loss, grads = loss_and_grads(use_kernels=True)
     kinds = {type(m).__name__ for m in patched.modules()}
-    assert {"KernelRMSNorm", "KernelGemma4MLP", "KernelLoRALinear4bit"} <= kinds
+    assert {"KernelRMSNorm", "KernelGemma4MLP", "KernelGemma4Attention", "KernelLoRALinear4bit"} <= kinds
     assert not kinds & {"KernelRMSNorm", "KernelLoRALinear4bit"} & {type(m).__name__ for m in stock.modules()}
     # fp32 kernels sum in another order than PyTorch: ~1e-6 relative, far below any real bug.
     assert_rel_close(loss, stock_loss, 1e-5, "loss")
