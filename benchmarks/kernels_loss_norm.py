@@ -94,6 +94,27 @@ def _eager_geglu(g, u):
     return F.gelu(g, approximate="tanh") * u
 
 
+def _record_norm_kernels(record, size_name, x, w, dy):
+    """The RMSNorm forward and backward kernels timed alone (the op above adds autograd and
+    the weight-gradient reduction), and a copy of the same bytes: at 2048 tokens the tensors
+    fit in the H200's 50 MB L2 cache, so the same-size copy is the fair ceiling here, next to
+    copy_ceiling's 256 MiB one."""
+    from gemmatune.kernels.rms_norm import rms_norm_backward, rms_norm_forward
+
+    nbytes = x.numel() * x.element_size()
+    _, x2, rstd = rms_norm_forward(x.detach(), w.detach(), 1e-6)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+    dst = torch.empty_like(src)
+    rows = {"rms_norm_fwd_kernel": (lambda: rms_norm_forward(x.detach(), w.detach(), 1e-6), 2 * nbytes),
+            "rms_norm_bwd_kernels": (lambda: rms_norm_backward(dy, x2, w.detach(), rstd, True), 3 * nbytes),
+            "copy_same_size": (lambda: dst.copy_(src), 2 * nbytes)}
+    for kernel, (fn, moved) in rows.items():
+        ms, timing = median_ms(fn)
+        record(dict(kernel=kernel, impl="gemmatune" if "rms" in kernel else "torch",
+                    shape=f"{size_name} N{x.shape[0]} H{x.shape[1]}", dtype=str(x.dtype), median_ms=ms, timing=timing,
+                    peak_extra_mib=0.0, rel_err=0.0, gbps=moved / ms / 1e6))
+
+
 def run(record):
     if not torch.cuda.is_available():
         print("kernels_loss_norm: no CUDA device, nothing measured")
@@ -136,6 +157,8 @@ def run(record):
             ms, mib, err, timing = _measure(fn, (x, wn), dy, ref)
             record(dict(kernel="rms_norm", impl=impl, shape=f"{size_name} N{TOKENS} H{H}", dtype=str(DTYPE),
                         median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+
+        _record_norm_kernels(record, size_name, x, wn, dy)
 
         # --- GEGLU: bytes = forward reads g, u, writes out; backward reads d out, g, u, writes dg, du
         g = (3 * torch.randn(TOKENS, I, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)

@@ -121,8 +121,9 @@ def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
                 torch.autograd.grad(y, (x, norm.weight), g)
                 return y
             try:
-                y = fwd()
-                rel = _rel(y, y64)
+                # detached: a live output keeps its autograd graph, whose gradient-accumulation
+                # node then belongs to this stream and breaks the graph capture below
+                rel = _rel(fwd().detach(), y64)
                 ms, timing = _median_ms(step, cuda)
                 mib = _peak_extra_mib(step, cuda)
             except Exception as e:

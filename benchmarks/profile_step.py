@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--ckpt-root", default="/tmp/gemmatune-bench")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--sync-check", action="store_true", help="only list the host syncs of one step")
+    parser.add_argument("--graphed-only", action="store_true", help="only time and profile the default step")
+    parser.add_argument("--rows", type=int, default=25, help="rows of each profile table")
     args = parser.parse_args()
     folder = Path(args.ckpt_root) / args.model
     build_checkpoint(args.model, folder)
@@ -110,7 +112,9 @@ def main() -> None:
         return find_syncs(step)
     results = {"default (graphs, kernels, offload)": time_steps(step)}
     print(step.micro_step.describe())
-    profile(step, "gemmatune default")
+    profile(step, "gemmatune default", rows=args.rows)
+    if args.graphed_only:
+        return
     step.micro_step.disabled_because = "profiling the eager step"
     results["eager (no CUDA graphs)"] = time_steps(step)
     profile(step, "gemmatune eager")
