@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import pytest
-from IPython.core.inputtransformer2 import TransformerManager
 
-import gemmatune
+TransformerManager = pytest.importorskip("IPython.core.inputtransformer2").TransformerManager
+
+import gemmatune  # noqa: E402
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
