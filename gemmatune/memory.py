@@ -15,9 +15,10 @@ The model, in bytes (T = batch x sequence tokens):
                  of all layers, the hidden states the loss keeps, and with checkpointing "on"
                  every layer's saved input; multiplied by ACTIVATION_SCALE, fitted once to
                  the H200 measurements (benchmarks/results/*-h200-memory.json);
-    attention    the fp32 score matrix of math attention (full layers, short sequences), and
-                 the sliding-window masks transformers builds, seq x seq per row (4 bytes
-                 per token pair, fitted: the measured peak grows with seq^2 beyond 8k);
+    attention    the fp32 score matrix of math attention (full layers, short sequences);
+    masks        only when transformers builds seq x seq attention masks (image/audio or
+                 left-padded batches; right-padded text batches train without them): 4 bytes
+                 per token pair, fitted on session 2's H200 sweep, which still built them;
     loss         one chunk of logits of the fused cross-entropy (its memory budget);
     fp16         the overflow clamp on each layer's output keeps the unclamped output for its
                  backward: one hidden state per layer per token.
@@ -30,7 +31,7 @@ from torch import nn
 
 GIB = 2**30
 ACTIVATION_SCALE = 0.7  # fitted on the H200 measurements, see the module docstring
-MASK_BYTES_PER_TOKEN_PAIR = 4  # sliding-window masks: grows with seq^2, fitted on the H200 sweep
+MASK_BYTES_PER_TOKEN_PAIR = 4  # seq x seq masks, when built: fitted on an H200 sweep with masks
 CE_BUDGET_MIB = 192     # gemmatune.kernels.fused_linear_ce default chunk budget
 LORA_BYTES_PER_WEIGHT = 4 + 4 + 2  # fp32 weight, fp32 gradient, two 8-bit Adam states
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,8 +99,10 @@ def math_attention_bytes(arch: dict, seq: int, batch: int) -> int:
 
 def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
                        checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
-                       fp16: bool = False) -> dict:
-    """The predicted peak, by component (bytes); "total" is what to compare with the GPU."""
+                       fp16: bool = False, masks: bool = False) -> dict:
+    """The predicted peak, by component (bytes); "total" is what to compare with the GPU.
+    `masks`: transformers builds seq x seq attention masks, as it does for image/audio or
+    left-padded batches (right-padded text batches train without them, see gemmatune.loss)."""
     arch = arch or architecture(model_or_config, lora_rank)
     tokens = seq * batch
     parts = {
@@ -108,7 +111,7 @@ def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int
         "dequant_workspace": arch["largest_linear"] * dtype_bytes,
         "activations": ACTIVATION_SCALE * tokens * bytes_per_token(arch, checkpointing, dtype_bytes),
         "attention": math_attention_bytes(arch, seq, batch),
-        "masks": MASK_BYTES_PER_TOKEN_PAIR * batch * seq * seq,
+        "masks": MASK_BYTES_PER_TOKEN_PAIR * batch * seq * seq if masks else 0,
         "loss_chunk": min(CE_BUDGET_MIB * 2**20, tokens * arch["vocab"] * dtype_bytes),
         "fp16_clamps": tokens * arch["layers"] * arch["hidden"] * dtype_bytes if fp16 else 0,
     }
@@ -118,11 +121,13 @@ def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int
 
 def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
                      checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
-                     fp16: bool | None = None) -> float:
-    """Predicted peak GiB; `fp16` defaults to whether the model computes in float16 (a T4)."""
+                     fp16: bool | None = None, masks: bool = False) -> float:
+    """Predicted peak GiB; `fp16` defaults to whether the model computes in float16 (a T4);
+    `masks` as in predict_peak_bytes."""
     if fp16 is None:
         fp16 = _computes_in_fp16(model_or_config)
-    parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch, fp16)
+    parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch, fp16,
+                               masks)
     return parts["total"] / GIB
 
 

@@ -64,3 +64,9 @@ def test_auto_checkpointing_keeps_inputs_on_the_gpu_only_when_they_fit():
     e2b = CONFIGS["e2b"]()
     assert choose_checkpointing(e2b, 2048, free_gib=80.0) == "on"       # an H200: plenty of room
     assert choose_checkpointing(e2b, 16384, free_gib=8.0) == "offload"  # an 8 GB card at 16k tokens
+
+
+def test_masks_count_only_when_transformers_builds_them(archs):
+    without = predict_peak_gib(None, 8192, arch=archs["e2b"])
+    with_masks = predict_peak_gib(None, 8192, arch=archs["e2b"], masks=True)
+    assert with_masks - without == pytest.approx(4 * 8192 * 8192 / 2**30)
