@@ -157,14 +157,15 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor |
             HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, BLOCK_ROWS=block_rows, BLOCK=block,
             num_warps=num_warps,
         )
-    dw = None
-    if compute_dw:
-        dw = torch.zeros_like(weight) if n_rows == 0 else torch.empty_like(weight)
-        if n_rows > 0:
-            # narrow column strips, many programs: 2.5 us against torch's sum + cast 6.6 us
-            # (H200, 264 partial rows, hidden 1536 and 2560)
-            _sum_partials_kernel[(triton.cdiv(n_cols, 16),)](dw_partial, dw, n_programs, n_cols,
-                                                            BLOCK_P=128, BLOCK_C=16, num_warps=1)
+    if not compute_dw:
+        return dx, None
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    dw = torch.empty_like(weight)
+    # narrow column strips, many programs: 2.5 us against torch's sum + cast 6.6 us, measured
+    # on the H200 for 264 partial rows at hidden 1536 and 2560 (a sweep of these settings)
+    _sum_partials_kernel[(triton.cdiv(n_cols, 16),)](dw_partial, dw, n_programs, n_cols,
+                                                    BLOCK_P=128, BLOCK_C=16, num_warps=1)
     return dx, dw
 
 
