@@ -17,8 +17,9 @@ The model, in bytes (T = batch x sequence tokens):
                  the H200 measurements (benchmarks/results/*-h200-memory.json);
     attention    the fp32 score matrix of math attention (full layers, short sequences);
     masks        only when transformers builds seq x seq attention masks (image/audio or
-                 left-padded batches; right-padded text batches train without them): 4 bytes
-                 per token pair, fitted on session 2's H200 sweep, which still built them;
+                 left-padded batches, and any batch on a GPU without FlashAttention-2's
+                 window: CPU, T4): 4 bytes per token pair, fitted on session 2's H200 sweep,
+                 which still built them;
     loss         one chunk of logits of the fused cross-entropy (its memory budget);
     fp16         the overflow clamp on each layer's output keeps the unclamped output for its
                  backward: one hidden state per layer per token.
@@ -99,11 +100,14 @@ def math_attention_bytes(arch: dict, seq: int, batch: int) -> int:
 
 def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
                        checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
-                       fp16: bool = False, masks: bool = False) -> dict:
+                       fp16: bool = False, masks: bool | None = None) -> dict:
     """The predicted peak, by component (bytes); "total" is what to compare with the GPU.
     `masks`: transformers builds seq x seq attention masks, as it does for image/audio or
-    left-padded batches (right-padded text batches train without them, see gemmatune.loss)."""
+    left-padded batches, and for all batches where the sliding layers cannot run without
+    them (see masks_built_here, the default)."""
     arch = arch or architecture(model_or_config, lora_rank)
+    if masks is None:
+        masks = masks_built_here()
     tokens = seq * batch
     parts = {
         "weights": arch["quantized"] * (0.5 + 1 / 64) + arch["dense"] * dtype_bytes,
@@ -121,7 +125,7 @@ def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int
 
 def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
                      checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
-                     fp16: bool | None = None, masks: bool = False) -> float:
+                     fp16: bool | None = None, masks: bool | None = None) -> float:
     """Predicted peak GiB; `fp16` defaults to whether the model computes in float16 (a T4);
     `masks` as in predict_peak_bytes."""
     if fp16 is None:
@@ -129,6 +133,17 @@ def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int =
     parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch, fp16,
                                masks)
     return parts["total"] / GIB
+
+
+def masks_built_here() -> bool:
+    """Whether text training on this machine builds seq x seq masks: yes, unless its GPU runs
+    the sliding layers through FlashAttention-2's window (gemmatune.patching.builds_own_masks)."""
+    from gemmatune.attention import flash_window_available
+
+    if not torch.cuda.is_available():
+        return True
+    dtype = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return not flash_window_available(torch.device("cuda"), dtype)
 
 
 def _computes_in_fp16(model_or_config) -> bool:

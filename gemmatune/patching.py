@@ -12,8 +12,8 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
 - Gemma4TextMLP -> gate/up projections, Triton GeGLU, down projection;
 - Gemma4TextAttention (training forward) -> fused q/k RMSNorm + RoPE kernel, weightless
   v_norm kernel, math attention for head_dim 512 (SDPA's backward is slow there), and,
-  when the caller passes no masks (builds_own_masks), sliding layers that compute only
-  their window (FlashAttention-2's window on CUDA, SDPA block by block elsewhere);
+  when the caller passes no masks (builds_own_masks: sm80+ GPUs), sliding layers that
+  compute only their window through FlashAttention-2's window;
 - peft's LoRA-on-4-bit layers (after add_lora) -> NF4 dequant + matmul + LoRA in one
   autograd function that does not keep the dequantised weight alive for the backward;
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
-from gemmatune.attention import attention_math, sliding_window_attention, use_math_attention
+from gemmatune.attention import (attention_math, flash_window_available, sliding_window_attention,
+                                 use_math_attention)
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
@@ -94,14 +95,21 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
 
 
 def builds_own_masks(text_model: nn.Module) -> bool:
-    """True when every attention layer of this Gemma4TextModel is KernelGemma4Attention, which
-    applies causality and the sliding window itself when it gets no mask: the caller may then
-    pass `attention_mask={"full_attention": None, "sliding_attention": None}` for an unpadded
-    (or right-padded) batch, and transformers builds no seq x seq masks."""
+    """True when the caller may pass `attention_mask={"full_attention": None,
+    "sliding_attention": None}` for an unpadded (or right-padded) batch, so that transformers
+    builds no seq x seq masks: every attention layer of this Gemma4TextModel is
+    KernelGemma4Attention (which applies causality and the window itself when it gets no
+    mask) and its sliding layers can use FlashAttention-2's window on this GPU and dtype.
+    Elsewhere (CPU, a T4) masks are built as transformers does: the block-by-block window is
+    exact but has not been measured to be as fast as masked SDPA."""
     if not isinstance(text_model, hf_gemma4.Gemma4TextModel):
         return False
+    weight = text_model.embed_tokens.weight
+    if not flash_window_available(weight.device, weight.dtype):
+        return False
     attention = [m for m in text_model.modules() if isinstance(m, hf_gemma4.Gemma4TextAttention)]
-    return bool(attention) and all(type(m) is KernelGemma4Attention for m in attention)
+    flash_head = all(m.head_dim <= 256 and m.head_dim % 8 == 0 for m in attention if m.sliding_window)
+    return bool(attention) and flash_head and all(type(m) is KernelGemma4Attention for m in attention)
 
 
 def _lora_4bit_class():

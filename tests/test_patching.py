@@ -37,6 +37,30 @@ def test_patched_model_gives_the_same_loss_and_gradients():
         assert_rel_close(grads[name], grad, 1e-4, name)
 
 
+def test_mask_free_attention_equals_the_masked_model():
+    """The causal window applied inside KernelGemma4Attention when it gets no masks (what
+    builds_own_masks opens on sm80+ GPUs; here, on the CPU, the block-by-block window) gives
+    the hidden states and gradients transformers' masks give."""
+    model, _ = load_tiny(load_in_4bit=False, use_kernels=True)
+    text = model.model
+    assert not patching.builds_own_masks(text)  # no FlashAttention-2 window on a CPU: masks are built
+    window = model.config.get_text_config().sliding_window
+    ids = torch.randint(3, 200, (2, 2 * window + 7), generator=torch.Generator().manual_seed(5))
+    no_masks = {kind: None for kind in set(model.config.get_text_config().layer_types)}
+
+    def hidden_and_grads(attention_mask):
+        model.zero_grad(set_to_none=True)
+        hidden = text(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden.square().mean().backward()
+        return hidden.detach(), {n: p.grad.clone() for n, p in text.named_parameters() if "q_proj" in n}
+
+    want, want_grads = hidden_and_grads(None)
+    got, grads = hidden_and_grads(no_masks)
+    assert_rel_close(got, want, 1e-5, "hidden states")
+    for name, grad in want_grads.items():
+        assert_rel_close(grads[name], grad, 1e-4, name)
+
+
 def test_patch_is_idempotent_reversible_and_local():
     model, _ = load_tiny(use_kernels=True)
     other, _ = load_tiny(use_kernels=False)
