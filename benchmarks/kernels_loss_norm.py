@@ -94,6 +94,14 @@ def _eager_geglu(g, u):
     return F.gelu(g, approximate="tanh") * u
 
 
+def _compare(record, kernel, shape, impls, inputs, grad_out, reference_results, bytes_moved=None):
+    """One record per implementation of `kernel`; gbps only for memory-bound kernels."""
+    for impl, fn in impls.items():
+        ms, mib, err, timing = _measure(fn, inputs, grad_out, reference_results)
+        record(dict(kernel=kernel, impl=impl, shape=shape, dtype=str(DTYPE), median_ms=ms, timing=timing,
+                    peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6 if bytes_moved else None))
+
+
 def _record_norm_kernels(record, size_name, x, w, dy):
     """The RMSNorm forward and backward kernels timed alone (the op above adds autograd and
     the weight-gradient reduction), and a copy of the same bytes: at 2048 tokens the tensors
@@ -137,10 +145,7 @@ def run(record):
                  "torch": _eager_ce}
         if "ce" in liger:
             impls["liger"] = liger["ce"]
-        for impl, fn in impls.items():
-            ms, mib, err, timing = _measure(fn, (h, w, labels), None, ref)
-            record(dict(kernel="fused_linear_ce", impl=impl, shape=f"{size_name} N{TOKENS} H{H} V{VOCAB}",
-                        dtype=str(DTYPE), median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=None))
+        _compare(record, "fused_linear_ce", f"{size_name} N{TOKENS} H{H} V{VOCAB}", impls, (h, w, labels), None, ref)
         del h, w, labels, ref
         torch.cuda.empty_cache()
 
@@ -152,11 +157,8 @@ def run(record):
         impls = {"gemmatune": rms_norm, "torch": rms_norm_reference}
         if "rms" in liger:
             impls["liger"] = liger["rms"]
-        bytes_moved = 5 * x.numel() * x.element_size()
-        for impl, fn in impls.items():
-            ms, mib, err, timing = _measure(fn, (x, wn), dy, ref)
-            record(dict(kernel="rms_norm", impl=impl, shape=f"{size_name} N{TOKENS} H{H}", dtype=str(DTYPE),
-                        median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+        _compare(record, "rms_norm", f"{size_name} N{TOKENS} H{H}", impls, (x, wn), dy, ref,
+                 bytes_moved=5 * x.numel() * x.element_size())
 
         _record_norm_kernels(record, size_name, x, wn, dy)
 
@@ -168,11 +170,8 @@ def run(record):
         impls = {"gemmatune": geglu, "torch": _eager_geglu}
         if "geglu" in liger:
             impls["liger"] = liger["geglu"]
-        bytes_moved = 8 * g.numel() * g.element_size()
-        for impl, fn in impls.items():
-            ms, mib, err, timing = _measure(fn, (g, u), do, ref)
-            record(dict(kernel="geglu", impl=impl, shape=f"{size_name} N{TOKENS} I{I}", dtype=str(DTYPE),
-                        median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=err, gbps=bytes_moved / ms / 1e6))
+        _compare(record, "geglu", f"{size_name} N{TOKENS} I{I}", impls, (g, u), do, ref,
+                 bytes_moved=8 * g.numel() * g.element_size())
         del x, wn, dy, g, u, do, ref
         torch.cuda.empty_cache()
 

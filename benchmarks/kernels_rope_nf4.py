@@ -1,7 +1,7 @@
 """Benchmarks: qk_norm_rope, dequantize_nf4 and lora_nf4_linear against what they replace.
 
-`run(record)` is called by benchmarks/kernels.py. On CUDA it times with triton.testing.do_bench
-(median), measures the peak memory a call allocates on top of its inputs, the max relative error
+`run(record)` is called by benchmarks/kernels.py. On CUDA it times the median of CUDA-graph replays
+(benchmarks/timing.py), measures the peak memory a call allocates on top of its inputs, the max relative error
 against an fp64 (or bit-exact) reference, and a physical rate: GB/s for the memory-bound kernels
 (qk_norm_rope, dequantisation; compare with the `copy_ceiling` record, a plain device copy) and
 TFLOP/s (extra key `tflops`; compare with the `mm_ceiling` record) for the 4-bit LoRA linear.

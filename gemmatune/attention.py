@@ -52,11 +52,9 @@ def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     f32 = _softmax_dtype(a.dtype)
     if a.dtype == f32:
         return torch.matmul(a, b)
-    if a.is_cuda and _bmm_writes_fp32(a.device, a.dtype):
-        lead = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        a3 = a.expand(*lead, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-        b3 = b.expand(*lead, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-        return torch.bmm(a3, b3, out_dtype=f32).view(*lead, a.shape[-2], b.shape[-1])
+    if a.is_cuda and _bmm_writes_fp32(a.device, a.dtype):  # same leading (batch, head) dims
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=f32)
+        return out.view(*a.shape[:-2], a.shape[-2], b.shape[-1])
     return torch.matmul(a.to(f32), b.to(f32))
 
 
