@@ -163,7 +163,7 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor |
         return dx, torch.zeros_like(weight)
     dw = torch.empty_like(weight)
     # narrow column strips, many programs: 2.5 us against torch's sum + cast 6.6 us, measured
-    # on the H200 for 264 partial rows at hidden 1536 and 2560 (a sweep of these settings)
+    # on the H200 for 264 partial rows at hidden 1536 and 2560 (benchmarks/tune_rms_norm.py --sum)
     _sum_partials_kernel[(triton.cdiv(n_cols, 16),)](dw_partial, dw, n_programs, n_cols,
                                                     BLOCK_P=128, BLOCK_C=16, num_warps=1)
     return dx, dw
