@@ -34,3 +34,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return True
     # The interpreter runs CPU tensors, but computes bf16 wrongly: fp32/fp16 only.
     return interpreter_on() and all(t.device.type == "cpu" and t.dtype != torch.bfloat16 for t in tensors)
+
+
+def warps_for_tile(tile_elements: int, elements_per_warp: int) -> int:
+    """num_warps for a program holding `tile_elements` per tensor: a power of two in [1, 16]."""
+    warps = max(1, min(16, tile_elements // elements_per_warp))
+    return 1 << (warps.bit_length() - 1)

@@ -30,103 +30,130 @@ References: Zhang & Sennrich 2019 (RMSNorm); Su et al. 2021 (RoFormer); transfor
 models/gemma4/modeling_gemma4.py (Gemma4RMSNorm, apply_rotary_pos_emb); Liger Kernel's
 rms_norm and rope ops (one program per token, all heads in one tile; partial dw per program).
 
+Layout: a program takes a tile of BLOCK_T tokens x BLOCK_H heads x half the head dim: all
+heads of a few tokens when they fit (cos/sin then loaded once per token for all its heads,
+and small K projections of 1-2 heads still give a program enough elements), a group of heads
+of one token when a token's heads alone exceed the tile (head dim 512). The backward runs one
+program per tile, or, when dw is wanted, a fixed number of programs that loop over tiles, each
+writing its fp32 part of dw; `_weight_grad` sums them.
+
 Precision plan: loads are upcast to fp32, the sum of squares, r, and all backward math are in
-fp32; dw is accumulated in fp32 per program and summed in fp32 on the host. Forward roundings
-to the dtype mirror transformers; the backward keeps dh in fp32 (transformers rounds it to the
-dtype), so gradients are slightly more accurate than eager. fp contraction (FMA) is disabled in
-the forward so fp32 RoPE rounds like eager PyTorch. Memory: forward saves x (the q/k projection
-output, which eager saves too) and r (fp32, one per head row); h, n are recomputed in backward.
+fp32; dw is accumulated in fp32 per program and summed in fp32 across programs. Forward
+roundings to the dtype mirror transformers; the backward keeps dh in fp32 (transformers rounds
+it to the dtype), so gradients are slightly more accurate than eager. fp contraction (FMA) is
+disabled in the forward so fp32 RoPE rounds like eager PyTorch. Memory: forward saves x (the
+q/k projection output, which eager saves too) and r (fp32, one per head row); h, n are
+recomputed in backward.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import use_triton
+from ._backend import use_triton, warps_for_tile
+from ._weight_grad import backward_programs, sum_partials
 
-MAX_TILE = 16384  # heads * half elements held in registers per program
+MAX_TILE = 16384  # a tile's elements on the interpreter (CPU), and the largest half head dim
+# Launch settings on a GPU: tokens x heads x half head dim per program and elements per warp,
+# picked with benchmarks/tune_norm_kernels.py on an H200. Without a weight gradient (frozen
+# weight, as under LoRA) the backward runs one program per tile, like the forward; with one,
+# a fixed number of programs per SM loop over tiles, each writing one partial dw sum.
+FWD_TILE, FWD_ELEMENTS_PER_WARP = 512, 1024
+BWD_TILE, BWD_ELEMENTS_PER_WARP = 1024, 1024
+DW_TILE, DW_ELEMENTS_PER_WARP, DW_PROGRAMS_PER_SM = 1024, 1024, 4
+
+
+@triton.jit
+def _token_offsets(t, S, stride_b, stride_s):
+    """Element offset of token t = b * S + s in a tensor with batch/sequence strides."""
+    return (t // S) * stride_b + (t % S) * stride_s
 
 
 @triton.jit
 def _fwd_kernel(X, W, COS, SIN, Y, RSTD,
-                sxb, sxs, sxh, scb, scs, S, H, D, HALF, eps,
-                BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    b = t // S
-    s = t % S
-    h = tl.arange(0, BLOCK_H)
+                sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, eps,
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    head_tiles = tl.cdiv(H, BLOCK_H)
+    t = (tl.program_id(0) // head_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = (tl.program_id(0) % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
-    mask = (h < H)[:, None] & (j < HALF)[None, :]
-    x_ptr = X + b * sxb + s * sxs + h[:, None] * sxh + j[None, :]
+    row_mask = (t < n_tokens)[:, None] & (h < H)[None, :]                      # (T, H)
+    mask = row_mask[:, :, None] & (j < HALF)[None, None, :]                     # (T, H, HALF)
+    x_ptr = X + (_token_offsets(t, S, sxb, sxs)[:, None] + h[None, :] * sxh)[:, :, None] + j[None, None, :]
     x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
-    w1 = tl.load(W + j, mask=j < HALF, other=0.0).to(tl.float32)
-    w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=2) + tl.sum(x2 * x2, axis=2)) / D + eps)  # (T, H)
+    w1 = tl.load(W + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
     dt = Y.dtype.element_ty
-    h1 = (x1 * rstd[:, None] * w1[None, :]).to(dt).to(tl.float32)
-    h2 = (x2 * rstd[:, None] * w2[None, :]).to(dt).to(tl.float32)
-    c_off = b * scb + s * scs + j
-    c1 = tl.load(COS + c_off, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(COS + c_off + HALF, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(SIN + c_off, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(SIN + c_off + HALF, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
+    h1 = (x1 * rstd[:, :, None] * w1).to(dt).to(tl.float32)
+    h2 = (x2 * rstd[:, :, None] * w2).to(dt).to(tl.float32)
+    c_ptr = _token_offsets(t, S, scb, scs)[:, None] + j[None, :]                # (T, HALF), shared by heads
+    c_mask = (t < n_tokens)[:, None] & (j < HALF)[None, :]
+    c1 = tl.load(COS + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    c2 = tl.load(COS + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    s1 = tl.load(SIN + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    s2 = tl.load(SIN + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
     # Each product and each sum rounded to the dtype, exactly as eager PyTorch does it.
     y1 = (h1 * c1).to(dt).to(tl.float32) + (-h2 * s1).to(dt).to(tl.float32)
     y2 = (h2 * c2).to(dt).to(tl.float32) + (h1 * s2).to(dt).to(tl.float32)
-    y_ptr = Y + t * H * D + h[:, None] * D + j[None, :]
+    rows = t[:, None] * H + h[None, :]                                           # (T, H), y is contiguous
+    y_ptr = Y + rows[:, :, None] * D + j[None, None, :]
     tl.store(y_ptr, y1.to(dt), mask=mask)
     tl.store(y_ptr + HALF, y2.to(dt), mask=mask)
-    tl.store(RSTD + t * H + h, rstd, mask=h < H)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _bwd_kernel(DY, X, W, COS, SIN, RSTD, DX, DW_PART,
-                sdb, sds, sdh, sxb, sxs, sxh, scb, scs, S, H, D, HALF, n_tokens, tokens_per_program,
-                COMPUTE_DW: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                sdb, sds, sdh, sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, n_programs,
+                COMPUTE_DW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                BLOCK_HALF: tl.constexpr):
     pid = tl.program_id(0)
-    h = tl.arange(0, BLOCK_H)
+    head_tiles = tl.cdiv(H, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
-    mask = (h < H)[:, None] & (j < HALF)[None, :]
-    w1 = tl.load(W + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-    dw1 = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-    dw2 = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
-    start = pid.to(tl.int64) * tokens_per_program
-    for i in range(0, tl.minimum(tokens_per_program, n_tokens - start)):
-        t = start + i
-        b = t // S
-        s = t % S
-        c_off = b * scb + s * scs + j
-        c1 = tl.load(COS + c_off, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(COS + c_off + HALF, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(SIN + c_off, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(SIN + c_off + HALF, mask=j < HALF, other=0.0).to(tl.float32)[None, :]
-        dy_ptr = DY + b * sdb + s * sds + h[:, None] * sdh + j[None, :]
+    w1 = tl.load(W + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
+    dw1 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+    dw2 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+    # num_stages=1: no software pipelining of this loop; 2 measured no faster (tune_norm_kernels.py)
+    for tile in tl.range(pid, tl.cdiv(n_tokens, BLOCK_T) * head_tiles, n_programs, num_stages=1):
+        t = ((tile // head_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+        h = (tile % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+        row_mask = (t < n_tokens)[:, None] & (h < H)[None, :]
+        mask = row_mask[:, :, None] & (j < HALF)[None, None, :]
+        c_ptr = _token_offsets(t, S, scb, scs)[:, None] + j[None, :]
+        c_mask = (t < n_tokens)[:, None] & (j < HALF)[None, :]
+        c1 = tl.load(COS + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+        c2 = tl.load(COS + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+        s1 = tl.load(SIN + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+        s2 = tl.load(SIN + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+        dy_ptr = DY + (_token_offsets(t, S, sdb, sds)[:, None] + h[None, :] * sdh)[:, :, None] + j[None, None, :]
         dy1 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
         dy2 = tl.load(dy_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        x_ptr = X + b * sxb + s * sxs + h[:, None] * sxh + j[None, :]
+        x_ptr = X + (_token_offsets(t, S, sxb, sxs)[:, None] + h[None, :] * sxh)[:, :, None] + j[None, None, :]
         x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + t * H + h, mask=h < H, other=0.0)[:, None]
+        rows = t[:, None] * H + h[None, :]
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, :, None]
         dh1 = dy1 * c1 + dy2 * s2
         dh2 = dy2 * c2 - dy1 * s1
         n1 = x1 * rstd
         n2 = x2 * rstd
         if COMPUTE_DW:
-            dw1 += tl.sum(dh1 * n1, axis=0)
-            dw2 += tl.sum(dh2 * n2, axis=0)
+            dw1 += dh1 * n1
+            dw2 += dh2 * n2
         dn1 = dh1 * w1
         dn2 = dh2 * w2
-        dot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1))[:, None] / D
-        dx_ptr = DX + t * H * D + h[:, None] * D + j[None, :]
+        dot = (tl.sum(dn1 * n1, axis=2) + tl.sum(dn2 * n2, axis=2))[:, :, None] / D
+        dx_ptr = DX + rows[:, :, None] * D + j[None, None, :]
         tl.store(dx_ptr, (rstd * (dn1 - n1 * dot)).to(DX.dtype.element_ty), mask=mask)
         tl.store(dx_ptr + HALF, (rstd * (dn2 - n2 * dot)).to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
-        tl.store(DW_PART + pid * D + j, dw1, mask=j < HALF)
-        tl.store(DW_PART + pid * D + HALF + j, dw2, mask=j < HALF)
+        tl.store(DW_PART + pid * D + j, tl.sum(tl.sum(dw1, axis=1), axis=0), mask=j < HALF)
+        tl.store(DW_PART + pid * D + HALF + j, tl.sum(tl.sum(dw2, axis=1), axis=0), mask=j < HALF)
 
 
-def _check_and_blocks(x, weight, cos, sin):
+def _check_and_blocks(x, weight, cos, sin, tile, elements_per_warp):
     if x.dim() != 4:
         raise ValueError(f"qk_norm_rope wants x of shape (B, S, heads, D), got {tuple(x.shape)}")
     B, S, H, D = x.shape
@@ -138,56 +165,67 @@ def _check_and_blocks(x, weight, cos, sin):
         raise ValueError(f"cos/sin must have shape ({B} or 1, {S}, {D}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if cos.dtype != x.dtype or sin.dtype != x.dtype:
         raise ValueError(f"cos/sin dtype {cos.dtype} must match x dtype {x.dtype} (transformers casts them)")
-    block_h, block_half = triton.next_power_of_2(H), triton.next_power_of_2(D // 2)
-    if block_h * block_half > MAX_TILE:
-        raise ValueError(f"qk_norm_rope: {H} heads x head dim {D} exceed one tile ({MAX_TILE} elements per half)")
-    num_warps = 4 if block_h * block_half <= 2048 else 8
-    return B, S, H, D, block_h, block_half, num_warps
+    block_half = triton.next_power_of_2(D // 2)
+    if block_half > MAX_TILE:
+        raise ValueError(f"qk_norm_rope: head dim {D} exceeds one tile ({MAX_TILE} elements per half)")
+    tile = tile if x.is_cuda else MAX_TILE  # the interpreter pays per program: big tiles
+    block_h = min(triton.next_power_of_2(H), max(1, tile // block_half))  # a tile: all heads, or a group of them
+    block_t = max(1, tile // (block_h * block_half))
+    num_warps = warps_for_tile(block_t * block_h * block_half, elements_per_warp)
+    return B, S, H, D, block_t, block_h, block_half, num_warps
+
+
+def _n_tiles(n_tokens, H, block_t, block_h):
+    return triton.cdiv(n_tokens, block_t) * triton.cdiv(H, block_h)
 
 
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def qk_norm_rope_forward(x, weight, cos, sin, eps):
-    """Returns y (B, S, H, D) contiguous in x's dtype and rstd (B*S, H) fp32."""
-    B, S, H, D, block_h, block_half, num_warps = _check_and_blocks(x, weight, cos, sin)
-    x, weight = _last_dim_contiguous(x), weight.contiguous()
+def _cos_sin(cos, sin, B, S, D):
     cos, sin = _last_dim_contiguous(cos.expand(B, S, D)), _last_dim_contiguous(sin.expand(B, S, D))
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
+def qk_norm_rope_forward(x, weight, cos, sin, eps):
+    """Returns y (B, S, H, D) contiguous in x's dtype and rstd (B*S, H) fp32."""
+    B, S, H, D, block_t, block_h, block_half, num_warps = _check_and_blocks(x, weight, cos, sin, FWD_TILE,
+                                                                            FWD_ELEMENTS_PER_WARP)
+    x, weight = _last_dim_contiguous(x), weight.contiguous()
+    cos, sin = _cos_sin(cos, sin, B, S, D)
     y = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
     rstd = torch.empty((B * S, H), dtype=torch.float32, device=x.device)
     if B * S == 0:
         return y, rstd
-    _fwd_kernel[(B * S,)](x, weight, cos, sin, y, rstd,
-                          x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
-                          S, H, D, D // 2, eps, BLOCK_H=block_h, BLOCK_HALF=block_half,
-                          num_warps=num_warps, enable_fp_fusion=False)
+    _fwd_kernel[(_n_tiles(B * S, H, block_t, block_h),)](x, weight, cos, sin, y, rstd,
+                                                 x.stride(0), x.stride(1), x.stride(2), cos.stride(0), cos.stride(1),
+                                                 B * S, S, H, D, D // 2, eps,
+                                                 BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+                                                 num_warps=num_warps, enable_fp_fusion=False)
     return y, rstd
 
 
 def qk_norm_rope_backward(dy, x, weight, cos, sin, rstd, compute_dw=True):
     """Returns dx (like x, contiguous) and dw (weight's dtype, or None)."""
-    B, S, H, D, block_h, block_half, num_warps = _check_and_blocks(x, weight, cos, sin)
+    tile, per_warp = (DW_TILE, DW_ELEMENTS_PER_WARP) if compute_dw else (BWD_TILE, BWD_ELEMENTS_PER_WARP)
+    B, S, H, D, block_t, block_h, block_half, num_warps = _check_and_blocks(x, weight, cos, sin, tile, per_warp)
     dy, x = _last_dim_contiguous(dy), _last_dim_contiguous(x)
-    cos, sin = _last_dim_contiguous(cos.expand(B, S, D)), _last_dim_contiguous(sin.expand(B, S, D))
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _cos_sin(cos, sin, B, S, D)
     n_tokens = B * S
     dx = torch.empty((B, S, H, D), dtype=x.dtype, device=x.device)
     if n_tokens == 0:
         return dx, (torch.zeros_like(weight) if compute_dw else None)
-    progs = torch.cuda.get_device_properties(x.device).multi_processor_count * 4 if x.is_cuda else 4
-    tokens_per_program = triton.cdiv(n_tokens, min(progs, n_tokens))
-    grid = triton.cdiv(n_tokens, tokens_per_program)
-    dw_part = torch.empty((grid, D), dtype=torch.float32, device=x.device) if compute_dw else rstd
-    _bwd_kernel[(grid,)](dy, x, weight, cos, sin, rstd, dx, dw_part,
-                         dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
-                         cos.stride(0), cos.stride(1), S, H, D, D // 2, n_tokens, tokens_per_program,
-                         COMPUTE_DW=compute_dw, BLOCK_H=block_h, BLOCK_HALF=block_half, num_warps=num_warps)
-    dw = dw_part.sum(0).to(weight.dtype) if compute_dw else None
-    return dx, dw
+    programs = backward_programs(x.device, _n_tiles(n_tokens, H, block_t, block_h), compute_dw, DW_PROGRAMS_PER_SM)
+    dw_part = torch.empty((programs, D), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    _bwd_kernel[(programs,)](dy, x, weight, cos, sin, rstd, dx, dw_part,
+                             dy.stride(0), dy.stride(1), dy.stride(2), x.stride(0), x.stride(1), x.stride(2),
+                             cos.stride(0), cos.stride(1), n_tokens, S, H, D, D // 2, programs,
+                             COMPUTE_DW=compute_dw, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=block_half,
+                             num_warps=num_warps)
+    return dx, (sum_partials(dw_part, weight) if compute_dw else None)
 
 
 class QKNormRoPEFunction(torch.autograd.Function):

@@ -22,16 +22,24 @@ rms_norm (the "gemma" casting mode, offset 0 here).
 Precision plan: x, w and dy are loaded and cast to fp32; every sum, the rstd and the product
 are fp32; y and dx are cast to x.dtype on store. rstd is stored in fp32 (4 bytes a row) and
 xhat is recomputed in the backward instead of being saved. dw is accumulated in fp32 per
-program over its block of rows, written as fp32 partial sums (programs x H), summed in fp32
-by a second small kernel that casts to w.dtype on store.
+program over its rows, written as fp32 partial sums (programs x H) and summed in fp32 by a
+second small kernel that casts to w.dtype on store (`_weight_grad`).
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import use_triton
+from ._backend import use_triton, warps_for_tile
+from ._weight_grad import backward_programs, sum_partials
 
 MAX_HIDDEN = 16384  # one row lives in registers; beyond this the reference is the right tool
+# Launch settings on a GPU (elements per program and per warp), picked with
+# benchmarks/tune_norm_kernels.py on an H200. Without a weight gradient (frozen weight, as
+# under LoRA) the backward runs one program per tile, like the forward. With one, it runs a
+# fixed number of programs per SM that loop over tiles, each writing one partial dw sum.
+FWD_TILE, FWD_ELEMENTS_PER_WARP = 4096, 1024
+BWD_TILE, BWD_ELEMENTS_PER_WARP = 2048, 1024
+DW_TILE, DW_ELEMENTS_PER_WARP, DW_PROGRAMS_PER_SM = 8192, 2048, 2
 
 
 @triton.jit
@@ -59,14 +67,16 @@ def _rms_norm_bwd_kernel(
     dw_partial_ptr, n_rows, n_cols, n_programs,
     HAS_WEIGHT: tl.constexpr, COMPUTE_DW: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # Grid-stride loop over tiles of BLOCK_ROWS rows; dw is summed per program, in fp32.
+    # Grid-stride loop over tiles of BLOCK_ROWS rows (one tile per program without dw); dw is
+    # summed per program, in fp32.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     dw_acc = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float32)
-    for tile in range(pid, tl.cdiv(n_rows, BLOCK_ROWS), n_programs):
+    # num_stages=1: no software pipelining of this loop; 2 measured no faster (tune_norm_kernels.py)
+    for tile in tl.range(pid, tl.cdiv(n_rows, BLOCK_ROWS), n_programs, num_stages=1):
         rows = (tile * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
         mask = (rows[:, None] < n_rows) & col_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -86,29 +96,14 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
 
 
-@triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, n_cols, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Column sums of the (n_partials, n_cols) fp32 partial weight gradients, cast on store:
-    # one kernel instead of torch's sum and a separate cast.
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)
-        mask = (rows[:, None] < n_partials) & (cols[None, :] < n_cols)
-        acc += tl.sum(tl.load(partial_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0), axis=0)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
-
-
-def _launch_settings(n_cols: int, device: torch.device):
-    """(BLOCK_ROWS, BLOCK, num_warps). On a GPU a tile holds about 4096 elements (several rows
-    per program for head_dim 256/512); the interpreter pays per program, so it gets big tiles."""
+def _launch_settings(n_cols: int, device: torch.device, tile: int, elements_per_warp: int):
+    """(BLOCK_ROWS, BLOCK, num_warps). On a GPU a program holds about `tile` elements (several rows
+    for head_dim 256/512); the interpreter pays per program, so it gets big tiles."""
     if n_cols > MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {n_cols} > {MAX_HIDDEN} is not supported by the Triton kernel")
     block = triton.next_power_of_2(n_cols)
-    tile = 4096 if device.type == "cuda" else 65536
-    block_rows = max(1, tile // block)
-    num_warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block_rows, block, num_warps
+    block_rows = max(1, (tile if device.type == "cuda" else 65536) // block)
+    return block_rows, block, warps_for_tile(block_rows * block, elements_per_warp)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -122,7 +117,7 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor | None, eps: float):
     n_rows, n_cols = x2.shape
     if weight is not None and weight.shape != (n_cols,):
         raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n_cols}")
-    block_rows, block, num_warps = _launch_settings(n_cols, x.device)
+    block_rows, block, num_warps = _launch_settings(n_cols, x.device, FWD_TILE, FWD_ELEMENTS_PER_WARP)
     y = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     w = weight.contiguous() if weight is not None else x2  # dummy pointer when there is no weight
@@ -139,34 +134,23 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor |
     """Returns (dx as 2D rows in x.dtype, dw in weight.dtype or None)."""
     dy2 = _as_rows(dy)
     n_rows, n_cols = x2.shape
-    block_rows, block, num_warps = _launch_settings(n_cols, x2.device)
     compute_dw = compute_dw and weight is not None
-    n_tiles = triton.cdiv(n_rows, block_rows)
-    if x2.is_cuda:
-        n_programs = torch.cuda.get_device_properties(x2.device).multi_processor_count * 2
+    if n_rows == 0:
+        return torch.empty_like(x2), (torch.zeros_like(weight) if compute_dw else None)
+    if compute_dw:
+        block_rows, block, num_warps = _launch_settings(n_cols, x2.device, DW_TILE, DW_ELEMENTS_PER_WARP)
     else:
-        n_programs = 2  # the interpreter runs programs one after another; two still tests the reduction
-    n_programs = max(1, min(n_programs, n_tiles))
+        block_rows, block, num_warps = _launch_settings(n_cols, x2.device, BWD_TILE, BWD_ELEMENTS_PER_WARP)
+    n_programs = backward_programs(x2.device, triton.cdiv(n_rows, block_rows), compute_dw, DW_PROGRAMS_PER_SM)
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     dw_partial = torch.empty((n_programs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
     w = weight.contiguous() if weight is not None else x2
-    if n_rows > 0:
-        _rms_norm_bwd_kernel[(n_programs,)](
-            dy2, dy2.stride(0), x2, x2.stride(0), w, rstd, dx, dx.stride(0), dw_partial,
-            n_rows, n_cols, n_programs,
-            HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, BLOCK_ROWS=block_rows, BLOCK=block,
-            num_warps=num_warps,
-        )
-    if not compute_dw:
-        return dx, None
-    if n_rows == 0:
-        return dx, torch.zeros_like(weight)
-    dw = torch.empty_like(weight)
-    # narrow column strips, many programs: 2.5 us against torch's sum + cast 6.6 us, measured
-    # on the H200 for 264 partial rows at hidden 1536 and 2560 (benchmarks/tune_rms_norm.py --sum)
-    _sum_partials_kernel[(triton.cdiv(n_cols, 16),)](dw_partial, dw, n_programs, n_cols,
-                                                    BLOCK_P=128, BLOCK_C=16, num_warps=1)
-    return dx, dw
+    _rms_norm_bwd_kernel[(n_programs,)](
+        dy2, dy2.stride(0), x2, x2.stride(0), w, rstd, dx, dx.stride(0), dw_partial, n_rows, n_cols, n_programs,
+        HAS_WEIGHT=weight is not None, COMPUTE_DW=compute_dw, BLOCK_ROWS=block_rows, BLOCK=block,
+        num_warps=num_warps,
+    )
+    return dx, (sum_partials(dw_partial, weight) if compute_dw else None)
 
 
 class RMSNormFunction(torch.autograd.Function):

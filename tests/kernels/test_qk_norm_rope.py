@@ -66,6 +66,7 @@ def _ulp_close(y, y_ref, h_ref, cos, sin, ulps):
     ("full_attention", 256, 512, 3, 8),        # real full-layer head dim, proportional RoPE
     ("sliding_attention", 96, 200, 1, 1),      # non-power-of-two head dim, one token
     ("full_attention", 96, 200, 2, 5),
+    ("sliding_attention", 64, 128, 37, 8),     # 74 tokens: tiles cross the batch boundary; 2 backward programs
 ])
 def test_matches_transformers(poison_empty, dtype, layer_type, head_dim, global_head_dim, S, H):
     cos, sin, norm = _rope_and_norm(head_dim, global_head_dim, layer_type, S, dtype)
@@ -117,6 +118,37 @@ def test_frozen_weight_and_strided_grad():
     (dx,) = torch.autograd.grad(y, x, g)
     (dx_ref,) = torch.autograd.grad(_transformers_path(x, norm, cos, sin), x, g)
     torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)  # fp32 reduction order only
+
+
+def test_weight_grad_is_deterministic(poison_empty):
+    """dw is summed over 74 tokens by two backward programs and a partial-sum kernel in a fixed
+    order: a second backward over the same graph gives the same bits."""
+    cos, sin, norm = _rope_and_norm(64, 128, "sliding_attention", 37, torch.float32)
+    x = torch.randn(2, 37, 8, 64, requires_grad=True)
+    g = torch.randn(2, 37, 8, 64)
+    (dw_ref,) = torch.autograd.grad(_transformers_path(x, norm, cos, sin), norm.weight, g)
+    y = mod.qk_norm_rope(x, norm.weight, cos, sin)
+    first = torch.autograd.grad(y, norm.weight, g, retain_graph=True)[0]
+    second = torch.autograd.grad(y, norm.weight, g)[0]
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, dw_ref, atol=1e-5 * dw_ref.abs().max().item(), rtol=1e-5)
+
+
+def test_head_groups_in_small_tiles(monkeypatch):
+    """With a tile smaller than a token's heads (as head dim 512 on a GPU), a program takes a
+    group of heads: 5 heads of 64 in tiles of 128 elements make 2 head groups of 4 (the second
+    one masked) per token, and the backward still sums dw over every tile."""
+    monkeypatch.setattr(mod, "MAX_TILE", 128)
+    cos, sin, norm = _rope_and_norm(64, 128, "sliding_attention", 6, torch.float32)
+    x = torch.randn(2, 6, 5, 64, requires_grad=True)
+    g = torch.randn(2, 6, 5, 64)
+    y = mod.qk_norm_rope(x, norm.weight, cos, sin)
+    y_ref = _transformers_path(x, norm, cos, sin)
+    dx, dw = torch.autograd.grad(y, (x, norm.weight), g)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, norm.weight), g)
+    assert _ulp_close(y, y_ref, norm(x).detach(), cos, sin, 6)
+    torch.testing.assert_close(dx, dx_ref, atol=1e-5 * dx_ref.abs().max().item(), rtol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, atol=1e-5 * dw_ref.abs().max().item(), rtol=1e-5)
 
 
 def test_refuses_bad_shapes():
