@@ -103,10 +103,10 @@ def _compare(record, kernel, shape, impls, inputs, grad_out, reference_results, 
 
 
 def _record_norm_kernels(record, size_name, x, w, dy):
-    """The RMSNorm forward and backward kernels timed alone (the op above adds autograd and
-    the weight-gradient reduction), and a copy of the same bytes: at 2048 tokens the tensors
-    fit in the H200's 50 MB L2 cache, so the same-size copy is the fair ceiling here, next to
-    copy_ceiling's 256 MiB one."""
+    """The RMSNorm forward and backward kernels timed alone (the op above adds autograd's
+    work; "kernels": the backward and its weight-gradient sum), and a copy of the same bytes:
+    at 2048 tokens the tensors fit in the H200's 50 MB L2 cache, so the same-size copy is the
+    fair ceiling here, next to copy_ceiling's 256 MiB one."""
     from gemmatune.kernels.rms_norm import rms_norm_backward, rms_norm_forward
 
     nbytes = x.numel() * x.element_size()
@@ -115,6 +115,8 @@ def _record_norm_kernels(record, size_name, x, w, dy):
     dst = torch.empty_like(src)
     rows = {"rms_norm_fwd_kernel": (lambda: rms_norm_forward(x.detach(), w.detach(), 1e-6), 2 * nbytes),
             "rms_norm_bwd_kernels": (lambda: rms_norm_backward(dy, x2, w.detach(), rstd, True), 3 * nbytes),
+            "rms_norm_bwd_kernel_frozen_weight": (lambda: rms_norm_backward(dy, x2, w.detach(), rstd, False),
+                                                  3 * nbytes),
             "copy_same_size": (lambda: dst.copy_(src), 2 * nbytes)}
     for kernel, (fn, moved) in rows.items():
         ms, timing = median_ms(fn)
@@ -159,6 +161,10 @@ def run(record):
             impls["liger"] = liger["rms"]
         _compare(record, "rms_norm", f"{size_name} N{TOKENS} H{H}", impls, (x, wn), dy, ref,
                  bytes_moved=5 * x.numel() * x.element_size())
+        # LoRA freezes the norm weights: the backward computes dx only (same bytes moved)
+        frozen = wn.detach()
+        _compare(record, "rms_norm_frozen_weight", f"{size_name} N{TOKENS} H{H}", impls, (x, frozen), dy,
+                 _fp64_results(rms_norm_reference, (x, frozen), dy), bytes_moved=5 * x.numel() * x.element_size())
 
         _record_norm_kernels(record, size_name, x, wn, dy)
 

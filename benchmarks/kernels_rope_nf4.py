@@ -79,9 +79,11 @@ def _ceilings(record, dev, cuda):
 
 def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding, apply_rotary_pos_emb
+    from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextRotaryEmbedding,
+                                                            apply_rotary_pos_emb)
 
-    from gemmatune.kernels.qk_norm_rope import QKNormRoPEFunction, qk_norm_rope_reference
+    from gemmatune.kernels.qk_norm_rope import (qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
+                                                qk_norm_rope_reference)
 
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -105,7 +107,7 @@ def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
         k_small = torch.randn(1, 1, tokens, D, device=dev, dtype=dtype)  # liger rope wants a k too
 
         impls = {
-            "gemmatune": lambda: QKNormRoPEFunction.apply(x, norm.weight, cos, sin, 1e-6),
+            "gemmatune": lambda: qk_norm_rope(x, norm.weight, cos, sin, 1e-6),
             "torch": lambda: apply_rotary_pos_emb(norm(x), cos, sin, unsqueeze_dim=2),
         }
         if LigerRMSNormFunction is not None:
@@ -115,22 +117,46 @@ def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
                 return q.transpose(1, 2)
             impls["liger"] = liger
         n_bytes = (5 * x.numel() + 4 * tokens * D) * x.element_size()  # x, y, dy, x, dx; cos, sin twice
-        for impl, fwd in impls.items():
-            def step():
-                y = fwd()
-                torch.autograd.grad(y, (x, norm.weight), g)
-                return y
-            try:
-                # detached: a live output keeps its autograd graph, whose gradient-accumulation
-                # node then belongs to this stream and breaks the graph capture below
-                rel = _rel(fwd().detach(), y64)
-                ms, timing = _median_ms(step, cuda)
-                mib = _peak_extra_mib(step, cuda)
-            except Exception as e:
-                print(f"[kernels_rope_nf4] qk_norm_rope {impl} {name} failed: {e!r}")
-                continue
-            record(dict(kernel="qk_norm_rope_fwd_bwd", impl=impl, shape=f"{tokens}x{H}x{D}", dtype=str(dtype),
-                        median_ms=ms, timing=timing, peak_extra_mib=mib, rel_err=rel, gbps=n_bytes / ms / 1e6))
+        shape = f"{tokens}x{H}x{D}"
+        # with the weight's gradient, and frozen as LoRA leaves it (dx only; the same bytes)
+        for kernel, frozen in (("qk_norm_rope_fwd_bwd", False), ("qk_norm_rope_fwd_bwd_frozen_weight", True)):
+            norm.weight.requires_grad_(not frozen)
+            wrt = (x,) if frozen else (x, norm.weight)
+            for impl, fwd in impls.items():
+                def step():
+                    y = fwd()
+                    torch.autograd.grad(y, wrt, g)
+                    return y
+                try:
+                    # detached: a live output keeps its autograd graph, whose gradient-accumulation
+                    # node then belongs to this stream and breaks the graph capture below
+                    rel = _rel(fwd().detach(), y64)
+                    ms, timing = _median_ms(step, cuda)
+                    mib = _peak_extra_mib(step, cuda)
+                except Exception as e:
+                    print(f"[kernels_rope_nf4] qk_norm_rope {impl} {name} failed: {e!r}")
+                    continue
+                record(dict(kernel=kernel, impl=impl, shape=shape, dtype=str(dtype), median_ms=ms, timing=timing,
+                            peak_extra_mib=mib, rel_err=rel, gbps=n_bytes / ms / 1e6))
+        norm.weight.requires_grad_(True)
+        if cuda:  # the two kernels alone, and a copy of the op's bytes: the bandwidth at this size
+            w = norm.weight.detach()
+            _, rstd = qk_norm_rope_forward(x.detach(), w, cos, sin, 1e-6)
+            src = torch.empty(n_bytes // 2, dtype=torch.uint8, device=dev)
+            dst = torch.empty_like(src)
+            rows = {"qk_norm_rope_fwd_kernel": (lambda: qk_norm_rope_forward(x.detach(), w, cos, sin, 1e-6),
+                                                (2 * x.numel() + 2 * tokens * D) * x.element_size()),
+                    "qk_norm_rope_bwd_kernels": (lambda: qk_norm_rope_backward(g, x.detach(), w, cos, sin, rstd),
+                                                 (3 * x.numel() + 2 * tokens * D) * x.element_size()),
+                    "qk_norm_rope_bwd_kernel_frozen_weight": (
+                        lambda: qk_norm_rope_backward(g, x.detach(), w, cos, sin, rstd, compute_dw=False),
+                        (3 * x.numel() + 2 * tokens * D) * x.element_size()),
+                    "copy_same_size": (lambda: dst.copy_(src), n_bytes)}
+            for kernel, (fn, moved) in rows.items():
+                ms, timing = _median_ms(fn, cuda)
+                record(dict(kernel=kernel, impl="torch" if kernel == "copy_same_size" else "gemmatune", shape=shape,
+                            dtype=str(dtype), median_ms=ms, timing=timing, peak_extra_mib=0.0, rel_err=0.0,
+                            gbps=moved / ms / 1e6))
 
 
 def _quantize(out_f, in_f, dtype, dev, seed):

@@ -30,17 +30,17 @@ def waits_for_host(fn) -> bool:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, grad_to_none=None) -> tuple[float, str]:
-    """(median milliseconds of fn(), "cuda_graph" or "eager")."""
+def median_ms(fn, grad_to_none=None, rep=100) -> tuple[float, str]:
+    """(median milliseconds of fn(), "cuda_graph" or "eager"); rep: milliseconds of replays."""
     import triton.testing
 
     if waits_for_host(fn):
         print("  (host sync inside: timing eagerly)", flush=True)
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"), "eager"
+        return triton.testing.do_bench(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"), "eager"
     try:
-        ms = triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
+        ms = triton.testing.do_bench_cudagraph(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median")
         return ms, "cuda_graph"
     except Exception as error:  # not capturable for another reason: time it eagerly
         torch.cuda.synchronize()
         print(f"  (graph capture failed: {type(error).__name__}: {error}; timing eagerly)", flush=True)
-        return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"), "eager"
+        return triton.testing.do_bench(fn, rep=rep, grad_to_none=grad_to_none, return_mode="median"), "eager"

@@ -2,32 +2,35 @@
 sizes, timed as CUDA-graph replays (benchmarks/timing.py).
 
     python benchmarks/tune_norm_kernels.py [rms] [qk]     # both when neither is named
+    python benchmarks/tune_norm_kernels.py sum            # the weight-gradient partial-sum kernel
 
 For each shape it sweeps the module constants that set a program's tile (elements per
 program) and its warps (elements per warp) for the forward and the backward, and for the
-backward that also sums the weight gradient, the programs per SM and the loop's pipelining. It prints each setting's time and
-bandwidth next to a copy of the same bytes (what the memory system gives at this size), and
-the best settings. The chosen values are then written into the kernel modules by hand.
+backward that also sums the weight gradient, the programs per SM.
+It prints each setting's time and bandwidth next to a copy of the same bytes (what the
+memory system gives at this size), and the best settings. The chosen values are then written into the kernel modules by hand.
 """
 import itertools
 import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
 
 from benchmarks.timing import median_ms  # noqa: E402
 from gemmatune.kernels import qk_norm_rope as qk_mod  # noqa: E402
 from gemmatune.kernels import rms_norm as rms_mod  # noqa: E402
+from gemmatune.kernels._weight_grad import _sum_partials_kernel  # noqa: E402
 
 TOKENS = 2048
 RMS_SHAPES = [("E2B hidden", 1536), ("E4B hidden", 2560)]
 QK_SHAPES = [("q sliding 8x256", 8, 256), ("q full 8x512", 8, 512), ("E2B k sliding 1x256", 1, 256),
              ("E4B k full 2x512", 2, 512)]
 ELEMENTS_PER_WARP = [256, 512, 1024]
+DW_ELEMENTS_PER_WARP = [512, 1024, 2048]
 PROGRAMS_PER_SM = [1, 2, 4]
-STAGES = [1, 2]
 
 
 def _time(fn) -> float:
@@ -44,12 +47,12 @@ def _sweep(module, fwd, bwd, bwd_dw, fwd_bytes, bwd_bytes, tiles):
     """Times the forward, the backward without dw (frozen weight) and with dw under each setting
     of the module's constants; prints the best of each."""
     names = ("FWD_TILE", "FWD_ELEMENTS_PER_WARP", "BWD_TILE", "BWD_ELEMENTS_PER_WARP", "DW_TILE",
-             "DW_ELEMENTS_PER_WARP", "DW_PROGRAMS_PER_SM", "DW_STAGES")
+             "DW_ELEMENTS_PER_WARP", "DW_PROGRAMS_PER_SM")
     saved = {name: getattr(module, name) for name in names}
     sweeps = [("fwd", fwd, fwd_bytes, ("FWD_TILE", "FWD_ELEMENTS_PER_WARP"), [tiles, ELEMENTS_PER_WARP]),
               ("bwd", bwd, bwd_bytes, ("BWD_TILE", "BWD_ELEMENTS_PER_WARP"), [tiles, ELEMENTS_PER_WARP]),
-              ("bwd+dw", bwd_dw, bwd_bytes, ("DW_TILE", "DW_ELEMENTS_PER_WARP", "DW_PROGRAMS_PER_SM", "DW_STAGES"),
-               [tiles, ELEMENTS_PER_WARP, PROGRAMS_PER_SM, STAGES])]
+              ("bwd+dw", bwd_dw, bwd_bytes, ("DW_TILE", "DW_ELEMENTS_PER_WARP", "DW_PROGRAMS_PER_SM"),
+               [tiles, DW_ELEMENTS_PER_WARP, PROGRAMS_PER_SM])]
     best = {}
     try:
         for label, fn, nbytes, constants, values in sweeps:
@@ -97,7 +100,27 @@ def tune_qk_norm_rope(dtype=torch.bfloat16) -> None:
                2 * nbytes + cos_bytes, 3 * nbytes + cos_bytes, tiles=[512, 1024, 2048])
 
 
+def tune_sum_partials(partials: int = 264) -> None:
+    """The (partials x hidden) fp32 column sum + cast to bf16 against torch's sum and cast;
+    264 partial rows = 2 backward programs per SM on an H200."""
+    for cols in (1536, 2560):
+        part = torch.randn(partials, cols, device="cuda")
+        out = torch.empty(cols, device="cuda", dtype=torch.bfloat16)
+        want = part.sum(0).bfloat16()
+        print(f"{cols} torch sum+cast {_time(lambda: part.sum(0).to(torch.bfloat16)):.2f} us")
+        for block_c, block_p, warps in itertools.product([16, 32, 64, 128], [16, 32, 64, 128], [1, 2, 4]):
+            def launch():
+                _sum_partials_kernel[(triton.cdiv(cols, block_c),)](part, out, partials, cols, BLOCK_P=block_p,
+                                                                    BLOCK_C=block_c, num_warps=warps)
+            us = _time(launch)
+            launch()
+            ok = torch.allclose(out.float(), want.float(), rtol=1e-2, atol=1e-2)
+            print(f"{cols} {block_c} {block_p} {warps} {us:.2f} us {ok}")  # columns/program, rows/step, warps
+
+
 def main() -> None:
+    if "sum" in sys.argv[1:]:
+        return tune_sum_partials()
     which = set(sys.argv[1:]) or {"rms", "qk"}
     if "rms" in which:
         tune_rms_norm()
