@@ -1,9 +1,11 @@
 """patch_model: kernels swapped in on this model only, same loss and gradients, reversible."""
+import pytest
 import torch
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
 from gemmatune import patching
 from gemmatune.data import collate
+from gemmatune.loader import pick_device
 from gemmatune.lora import add_lora
 from gemmatune.loss import causal_lm_loss, count_label_tokens
 from gemmatune.trainer import train
@@ -18,7 +20,7 @@ def loss_and_grads(use_kernels, load_in_4bit=True):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
-    batch = collate(random_rows(3, seed=3), pad_token_id=0)
+    batch = {k: v.to(model.device) for k, v in collate(random_rows(3, seed=3), pad_token_id=0).items()}
     assert batch["input_ids"].shape[1] > model.config.get_text_config().sliding_window  # windows really slide
     loss = causal_lm_loss(model, batch, normalizer=count_label_tokens([batch]), fused=use_kernels)
     loss.backward()
@@ -35,6 +37,16 @@ def test_patched_model_gives_the_same_loss_and_gradients():
     assert_rel_close(loss, stock_loss, 1e-5, "loss")
     for name, grad in stock_grads.items():
         assert_rel_close(grads[name], grad, 1e-4, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_patched_model_on_the_gpu_gives_the_same_loss_and_gradients():
+    """The same comparison on CUDA (fp32, 4-bit base): there the Triton kernels themselves run
+    inside the model, with the model's own strides and shapes, where a CPU runs the attention's
+    q/k norm + RoPE through its PyTorch reference."""
+    assert pick_device().type == "cuda"  # load_model puts the tiny model there
+    test_patched_model_gives_the_same_loss_and_gradients()
 
 
 def test_mask_free_attention_equals_the_masked_model():
