@@ -29,7 +29,7 @@ from gemmatune.attention import (attention_math, flash_window_available, sliding
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
-from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+from gemmatune.kernels.qk_norm_rope import qk_norm_rope
 from gemmatune.kernels.rms_norm import rms_norm
 
 FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # headroom so the next add stays finite
@@ -62,17 +62,14 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
-        # The Triton interpreter runs this kernel one token at a time: far too slow for a
-        # whole model on a CPU, where the reference (the same math) runs instead.
-        norm_rope = qk_norm_rope if hidden_states.is_cuda else qk_norm_rope_reference
         query = self.q_proj(hidden_states).view(hidden_shape)
-        query = norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
+        query = qk_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
         if self.is_kv_shared_layer:
             key, value = shared_kv_states[self.layer_type]
         else:
             key_proj = self.k_proj(hidden_states).view(hidden_shape)
             value = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_proj
-            key = norm_rope(key_proj, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
+            key = qk_norm_rope(key_proj, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
             value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
         if self.store_full_length_kv:
             shared_kv_states[self.layer_type] = key, value

@@ -42,9 +42,8 @@ def test_patched_model_gives_the_same_loss_and_gradients():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_patched_model_on_the_gpu_gives_the_same_loss_and_gradients():
-    """The same comparison on CUDA (fp32, 4-bit base): there the Triton kernels themselves run
-    inside the model, with the model's own strides and shapes, where a CPU runs the attention's
-    q/k norm + RoPE through its PyTorch reference."""
+    """The same comparison on CUDA (fp32, 4-bit base): the Triton kernels compiled for the GPU,
+    not run by the interpreter, inside the model with its own strides and shapes."""
     assert pick_device().type == "cuda"  # load_model puts the tiny model there
     test_patched_model_gives_the_same_loss_and_gradients()
 
