@@ -1,0 +1,139 @@
+"""Compile every gemmatune Triton kernel for real GPUs, on a machine without one.
+
+Why: CI runs the kernels in Triton's interpreter, which executes them as NumPy code and skips
+the compiler's checks. A kernel can pass there and still fail to compile on a GPU (it
+happened: a variable bound to tensors of two shapes in the two branches of an `if`). Triton
+compiles ahead of time for a named target with its bundled ptxas, no GPU needed.
+
+How: each kernel's own host wrapper is called on small CPU tensors while Triton's launch is
+replaced by a recorder, so the argument types, constexprs and num_warps are exactly those the
+wrapper passes. Each distinct recorded launch is then compiled for one GPU: a T4 (sm_75) in
+fp16, or an H100/H200 (sm_90) in bf16. Prints one JSON line per compiled launch.
+
+Run without TRITON_INTERPRET (tests/kernels/test_compile_for_gpus.py starts it that way):
+    python tests/kernels/compile_for_gpus.py sm_75      # or sm_90
+"""
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+TARGETS = {"sm_75": (75, torch.float16), "sm_90": (90, torch.bfloat16)}  # a T4 has no bf16
+POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
+                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8"}
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+launches = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run: remember the launch instead of making it."""
+    launches.append((self, args, kwargs))
+
+
+def _type_of(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTER_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type argument {value!r}")
+
+
+def _compile(kernel, args, kwargs, capability):
+    params = kernel.params
+    values = dict(zip([p.name for p in params], args)) | {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+    signature, constexprs = {}, {}
+    for index, param in enumerate(params):
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[(index,)] = values[param.name]
+        else:
+            signature[param.name] = _type_of(values[param.name])
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+_getitem = torch.Tensor.__getitem__
+
+
+def _slice_as_narrow(tensor, index):
+    """t[a:b] as t.narrow: a CPU-only PyTorch cannot slice fake CUDA tensors with [], but narrows them."""
+    if isinstance(index, slice) and index.step in (None, 1):
+        start, stop, _ = index.indices(tensor.shape[0])
+        return tensor.narrow(0, start, max(0, stop - start))
+    return _getitem(tensor, index)
+
+
+def _launch_every_kernel(dtype):
+    """Calls each host wrapper (both backward modes where there are two) at Gemma 4's sizes on
+    fake CUDA tensors (no memory, no GPU), so the wrappers pick their GPU launch settings."""
+    import bitsandbytes.functional as bnbF
+
+    from gemmatune.kernels import fused_linear_ce, geglu, nf4, qk_norm_rope, rms_norm
+
+    packed, quant_state = bnbF.quantize_4bit(torch.randn(64, 128).to(dtype), quant_type="nf4",
+                                             compress_statistics=True)
+    nf4.dequantize_nf4_forward(packed, quant_state, dtype=dtype)  # no GPU-specific settings: real CPU tensors
+    torch.cuda.get_device_properties = lambda device: SimpleNamespace(multi_processor_count=132)  # an H200's
+    torch.Tensor.__getitem__ = _slice_as_narrow
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        def rand(*shape):
+            return torch.empty(*shape, device="cuda", dtype=dtype)
+
+        x, w = rand(2048, 1536), rand(1536)
+        _, x2, rstd = rms_norm.rms_norm_forward(x, w, 1e-6)
+        for compute_dw in (True, False):
+            rms_norm.rms_norm_backward(x, x2, w, rstd, compute_dw)
+            rms_norm.rms_norm_backward(x, x2, None, rstd, compute_dw)  # v_norm: no weight
+        rms_norm.rms_norm_forward(x, None, 1e-6)
+        for heads, head_dim in ((8, 256), (1, 256), (8, 512), (2, 512)):
+            q, wq, cos = rand(1, 2048, heads, head_dim), rand(head_dim), rand(1, 2048, head_dim)
+            _, rstd_q = qk_norm_rope.qk_norm_rope_forward(q, wq, cos, cos, 1e-6)
+            for compute_dw in (True, False):
+                qk_norm_rope.qk_norm_rope_backward(q, q, wq, cos, cos, rstd_q, compute_dw)
+        gate = rand(2048, 6144)
+        geglu.geglu_forward(gate, gate)
+        geglu.geglu_backward(gate, gate, gate)
+        hidden, head = rand(2048, 1536), rand(262144, 1536)
+        labels = torch.zeros(2048, dtype=torch.int64, device="cuda")
+        fused_linear_ce.fused_linear_ce_forward(hidden, head, labels, 30.0, -100, None, 256, True, False)
+
+
+def main(gpu):
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: it compiles for GPUs"
+    capability, dtype = TARGETS[gpu]
+    JITFunction.run = _record
+    _launch_every_kernel(dtype)
+    seen = set()
+    for kernel, args, kwargs in launches:
+        key = (kernel, tuple(_type_of(a) if not isinstance(a, (bool, int)) or isinstance(a, bool) else "int"
+                             for a in args), tuple(sorted(kwargs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            _compile(kernel, args, kwargs, capability)
+            result = {"ok": True}
+        except Exception as error:  # reported, not raised: the test lists every failure
+            result = {"ok": False, "error": f"{type(error).__name__}: {str(error)[-600:]}"}
+        print(json.dumps({"kernel": f"{kernel.__module__}.{kernel.__name__}", "gpu": gpu, "dtype": str(dtype),
+                          **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
