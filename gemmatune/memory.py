@@ -171,10 +171,9 @@ def check_fits(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16, c
     """A warning with a suggestion when the step is predicted not to fit, else None.
     `free_gib`: memory the training may use (default: this GPU's free memory plus what the
     model already holds)."""
+    free_gib = usable_gib() if free_gib is None else free_gib
     if free_gib is None:
-        if not torch.cuda.is_available():
-            return None
-        free_gib = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()) / GIB
+        return None
     arch = arch or architecture(model_or_config, lora_rank)
     need = predict_peak_gib(model_or_config, seq, batch, lora_rank, checkpointing, arch=arch)
     budget = free_gib * headroom

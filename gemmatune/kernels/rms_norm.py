@@ -137,10 +137,8 @@ def rms_norm_backward(dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor |
     compute_dw = compute_dw and weight is not None
     if n_rows == 0:
         return torch.empty_like(x2), (torch.zeros_like(weight) if compute_dw else None)
-    if compute_dw:
-        block_rows, block, num_warps = _launch_settings(n_cols, x2.device, DW_TILE, DW_ELEMENTS_PER_WARP)
-    else:
-        block_rows, block, num_warps = _launch_settings(n_cols, x2.device, BWD_TILE, BWD_ELEMENTS_PER_WARP)
+    tile, per_warp = (DW_TILE, DW_ELEMENTS_PER_WARP) if compute_dw else (BWD_TILE, BWD_ELEMENTS_PER_WARP)
+    block_rows, block, num_warps = _launch_settings(n_cols, x2.device, tile, per_warp)
     n_programs = backward_programs(x2.device, triton.cdiv(n_rows, block_rows), compute_dw, DW_PROGRAMS_PER_SM)
     dx = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
     dw_partial = torch.empty((n_programs, n_cols) if compute_dw else (1,), dtype=torch.float32, device=x2.device)
