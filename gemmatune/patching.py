@@ -29,7 +29,7 @@ from gemmatune.attention import (attention_math, flash_window_available, sliding
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
-from gemmatune.kernels.qk_norm_rope import qk_norm_rope
+from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair
 from gemmatune.kernels.rms_norm import rms_norm
 
 FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # headroom so the next add stays finite
@@ -50,7 +50,7 @@ class KernelGemma4MLP(hf_gemma4.Gemma4TextMLP):
 
 
 class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
-    """Gemma4TextAttention for training: q/k norm + RoPE in one kernel each, and math
+    """Gemma4TextAttention for training: q/k norm + RoPE in one kernel for both, and math
     attention (gemmatune.attention) where SDPA is slow (head_dim 512 on the full layers).
     With a KV cache (generation) it is the stock forward."""
 
@@ -63,13 +63,15 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
         query = self.q_proj(hidden_states).view(hidden_shape)
-        query = qk_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
         if self.is_kv_shared_layer:
+            query = qk_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
             key, value = shared_kv_states[self.layer_type]
         else:
             key_proj = self.k_proj(hidden_states).view(hidden_shape)
             value = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_proj
-            key = qk_norm_rope(key_proj, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
+            query, key = qk_norm_rope_pair(query, self.q_norm.weight, key_proj, self.k_norm.weight, cos, sin,
+                                           self.q_norm.eps, self.k_norm.eps)
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
             value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
         if self.store_full_length_kv:
             shared_kv_states[self.layer_type] = key, value

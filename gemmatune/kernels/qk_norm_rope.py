@@ -37,6 +37,12 @@ of one token when a token's heads alone exceed the tile (head dim 512). The back
 program per tile, or, when dw is wanted, a fixed number of programs that loop over tiles, each
 writing its fp32 part of dw; `_weight_grad` sums them.
 
+qk_norm_rope_pair runs a layer's query and key in one launch each way (the first programs take
+the query's tiles, the rest the key's). Gemma 4's keys have 1-2 heads: alone, E2B's 1x256 key
+is too little work to amortise its two launches (5.9 us forward + backward, where one copy of
+its bytes takes 2.5 us). On the H200 at 2048 tokens the pair takes 14.9 us for E2B's q8+k1x256
+against 20.9 us for two calls, 17.1 against 21.4 us for E4B's q8+k2x256 (benchmarks/kernels.py).
+
 Precision plan: loads are upcast to fp32, the sum of squares, r, and all backward math are in
 fp32; dw is accumulated in fp32 per program and summed in fp32 across programs. Forward
 roundings to the dtype mirror transformers; the backward keeps dh in fp32 (transformers rounds
@@ -69,12 +75,12 @@ def _token_offsets(t, S, stride_b, stride_s):
 
 
 @triton.jit
-def _fwd_kernel(X, W, COS, SIN, Y, RSTD,
-                sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, eps,
-                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _fwd_tile(tile, X, W, COS, SIN, Y, RSTD, sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, eps,
+              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Forward of one tile: BLOCK_T tokens x BLOCK_H heads (tiles run over heads first)."""
     head_tiles = tl.cdiv(H, BLOCK_H)
-    t = (tl.program_id(0) // head_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = (tl.program_id(0) % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t = (tile // head_tiles).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = (tile % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
     row_mask = (t < n_tokens)[:, None] & (h < H)[None, :]                      # (T, H)
     mask = row_mask[:, :, None] & (j < HALF)[None, None, :]                     # (T, H, HALF)
@@ -104,53 +110,108 @@ def _fwd_kernel(X, W, COS, SIN, Y, RSTD,
 
 
 @triton.jit
+def _bwd_tile(tile, DY, X, W, COS, SIN, RSTD, DX, sdb, sds, sdh, sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF,
+              dw1, dw2, COMPUTE_DW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_HALF: tl.constexpr):
+    """Backward of one tile: writes dx; returns the dw accumulators with this tile added."""
+    head_tiles = tl.cdiv(H, BLOCK_H)
+    t = ((tile // head_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    h = (tile % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+    j = tl.arange(0, BLOCK_HALF)
+    row_mask = (t < n_tokens)[:, None] & (h < H)[None, :]
+    mask = row_mask[:, :, None] & (j < HALF)[None, None, :]
+    c_ptr = _token_offsets(t, S, scb, scs)[:, None] + j[None, :]
+    c_mask = (t < n_tokens)[:, None] & (j < HALF)[None, :]
+    c1 = tl.load(COS + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    c2 = tl.load(COS + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    s1 = tl.load(SIN + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    s2 = tl.load(SIN + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
+    dy_ptr = DY + (_token_offsets(t, S, sdb, sds)[:, None] + h[None, :] * sdh)[:, :, None] + j[None, None, :]
+    dy1 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
+    dy2 = tl.load(dy_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    x_ptr = X + (_token_offsets(t, S, sxb, sxs)[:, None] + h[None, :] * sxh)[:, :, None] + j[None, None, :]
+    x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    rows = t[:, None] * H + h[None, :]
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, :, None]
+    w1 = tl.load(W + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
+    w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
+    dh1 = dy1 * c1 + dy2 * s2
+    dh2 = dy2 * c2 - dy1 * s1
+    n1 = x1 * rstd
+    n2 = x2 * rstd
+    if COMPUTE_DW:
+        dw1 += dh1 * n1
+        dw2 += dh2 * n2
+    dn1 = dh1 * w1
+    dn2 = dh2 * w2
+    dot = (tl.sum(dn1 * n1, axis=2) + tl.sum(dn2 * n2, axis=2))[:, :, None] / D
+    dx_ptr = DX + rows[:, :, None] * D + j[None, None, :]
+    tl.store(dx_ptr, (rstd * (dn1 - n1 * dot)).to(DX.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + HALF, (rstd * (dn2 - n2 * dot)).to(DX.dtype.element_ty), mask=mask)
+    return dw1, dw2
+
+
+@triton.jit
+def _fwd_kernel(X, W, COS, SIN, Y, RSTD,
+                sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, eps,
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    _fwd_tile(tl.program_id(0), X, W, COS, SIN, Y, RSTD, sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, eps,
+              BLOCK_T, BLOCK_H, BLOCK_HALF)
+
+
+@triton.jit
 def _bwd_kernel(DY, X, W, COS, SIN, RSTD, DX, DW_PART,
                 sdb, sds, sdh, sxb, sxs, sxh, scb, scs, n_tokens, S, H, D, HALF, n_programs,
                 COMPUTE_DW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
                 BLOCK_HALF: tl.constexpr):
     pid = tl.program_id(0)
-    head_tiles = tl.cdiv(H, BLOCK_H)
     j = tl.arange(0, BLOCK_HALF)
-    w1 = tl.load(W + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
-    w2 = tl.load(W + HALF + j, mask=j < HALF, other=0.0).to(tl.float32)[None, None, :]
     dw1 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_HALF), dtype=tl.float32)
     dw2 = tl.zeros((BLOCK_T, BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+    n_tiles = tl.cdiv(n_tokens, BLOCK_T) * tl.cdiv(H, BLOCK_H)
     # num_stages=1: no software pipelining of this loop; 2 measured no faster (tune_norm_kernels.py)
-    for tile in tl.range(pid, tl.cdiv(n_tokens, BLOCK_T) * head_tiles, n_programs, num_stages=1):
-        t = ((tile // head_tiles) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        h = (tile % head_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
-        row_mask = (t < n_tokens)[:, None] & (h < H)[None, :]
-        mask = row_mask[:, :, None] & (j < HALF)[None, None, :]
-        c_ptr = _token_offsets(t, S, scb, scs)[:, None] + j[None, :]
-        c_mask = (t < n_tokens)[:, None] & (j < HALF)[None, :]
-        c1 = tl.load(COS + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
-        c2 = tl.load(COS + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
-        s1 = tl.load(SIN + c_ptr, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
-        s2 = tl.load(SIN + c_ptr + HALF, mask=c_mask, other=0.0).to(tl.float32)[:, None, :]
-        dy_ptr = DY + (_token_offsets(t, S, sdb, sds)[:, None] + h[None, :] * sdh)[:, :, None] + j[None, None, :]
-        dy1 = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
-        dy2 = tl.load(dy_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        x_ptr = X + (_token_offsets(t, S, sxb, sxs)[:, None] + h[None, :] * sxh)[:, :, None] + j[None, None, :]
-        x1 = tl.load(x_ptr, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-        rows = t[:, None] * H + h[None, :]
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, :, None]
-        dh1 = dy1 * c1 + dy2 * s2
-        dh2 = dy2 * c2 - dy1 * s1
-        n1 = x1 * rstd
-        n2 = x2 * rstd
-        if COMPUTE_DW:
-            dw1 += dh1 * n1
-            dw2 += dh2 * n2
-        dn1 = dh1 * w1
-        dn2 = dh2 * w2
-        dot = (tl.sum(dn1 * n1, axis=2) + tl.sum(dn2 * n2, axis=2))[:, :, None] / D
-        dx_ptr = DX + rows[:, :, None] * D + j[None, None, :]
-        tl.store(dx_ptr, (rstd * (dn1 - n1 * dot)).to(DX.dtype.element_ty), mask=mask)
-        tl.store(dx_ptr + HALF, (rstd * (dn2 - n2 * dot)).to(DX.dtype.element_ty), mask=mask)
+    for tile in tl.range(pid, n_tiles, n_programs, num_stages=1):
+        dw1, dw2 = _bwd_tile(tile, DY, X, W, COS, SIN, RSTD, DX, sdb, sds, sdh, sxb, sxs, sxh, scb, scs,
+                             n_tokens, S, H, D, HALF, dw1, dw2, COMPUTE_DW, BLOCK_T, BLOCK_H, BLOCK_HALF)
     if COMPUTE_DW:
         tl.store(DW_PART + pid * D + j, tl.sum(tl.sum(dw1, axis=1), axis=0), mask=j < HALF)
         tl.store(DW_PART + pid * D + HALF + j, tl.sum(tl.sum(dw2, axis=1), axis=0), mask=j < HALF)
+
+
+@triton.jit
+def _fwd_pair_kernel(XQ, WQ, YQ, RSTDQ, sqb, sqs, sqh, HQ, eps_q,
+                     XK, WK, YK, RSTDK, skb, sks, skh, HK, eps_k,
+                     COS, SIN, scb, scs, n_tokens, S, D, HALF, q_tiles,
+                     Q_BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_T: tl.constexpr,
+                     K_BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # The first q_tiles programs take the query's tiles, the rest the key's: one launch for both.
+    pid = tl.program_id(0)
+    if pid < q_tiles:
+        _fwd_tile(pid, XQ, WQ, COS, SIN, YQ, RSTDQ, sqb, sqs, sqh, scb, scs, n_tokens, S, HQ, D, HALF, eps_q,
+                  Q_BLOCK_T, Q_BLOCK_H, BLOCK_HALF)
+    else:
+        _fwd_tile(pid - q_tiles, XK, WK, COS, SIN, YK, RSTDK, skb, sks, skh, scb, scs, n_tokens, S, HK, D, HALF,
+                  eps_k, K_BLOCK_T, K_BLOCK_H, BLOCK_HALF)
+
+
+@triton.jit
+def _bwd_pair_kernel(DYQ, XQ, WQ, RSTDQ, DXQ, sdqb, sdqs, sdqh, sqb, sqs, sqh, HQ,
+                     DYK, XK, WK, RSTDK, DXK, sdkb, sdks, sdkh, skb, sks, skh, HK,
+                     COS, SIN, scb, scs, n_tokens, S, D, HALF, q_tiles,
+                     Q_BLOCK_T: tl.constexpr, Q_BLOCK_H: tl.constexpr, K_BLOCK_T: tl.constexpr,
+                     K_BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    # Frozen weights only (no dw): one tile per program, the query's first.
+    pid = tl.program_id(0)
+    # (the two branches' unused dw accumulators need different names: their shapes differ)
+    if pid < q_tiles:
+        no_dw_q = tl.zeros((Q_BLOCK_T, Q_BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+        _bwd_tile(pid, DYQ, XQ, WQ, COS, SIN, RSTDQ, DXQ, sdqb, sdqs, sdqh, sqb, sqs, sqh, scb, scs,
+                  n_tokens, S, HQ, D, HALF, no_dw_q, no_dw_q, False, Q_BLOCK_T, Q_BLOCK_H, BLOCK_HALF)
+    else:
+        no_dw_k = tl.zeros((K_BLOCK_T, K_BLOCK_H, BLOCK_HALF), dtype=tl.float32)
+        _bwd_tile(pid - q_tiles, DYK, XK, WK, COS, SIN, RSTDK, DXK, sdkb, sdks, sdkh, skb, sks, skh, scb, scs,
+                  n_tokens, S, HK, D, HALF, no_dw_k, no_dw_k, False, K_BLOCK_T, K_BLOCK_H, BLOCK_HALF)
 
 
 def _check_and_blocks(x, weight, cos, sin, tile, elements_per_warp):
@@ -242,6 +303,77 @@ class QKNormRoPEFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+def _check_pair(q, k):
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3] or q.dtype != k.dtype:
+        raise ValueError("qk_norm_rope_pair wants q and k of shape (B, S, heads, D) with the same B, S, D and dtype, "
+                         f"got {tuple(q.shape)} {q.dtype} and {tuple(k.shape)} {k.dtype}")
+
+
+def qk_norm_rope_pair_forward(q, q_weight, q_eps, k, k_weight, k_eps, cos, sin):
+    """The query's and the key's norm + RoPE in one launch. Returns (y_q, rstd_q, y_k, rstd_k)."""
+    _check_pair(q, k)
+    B, S, Hq, D, qt, qh, half, q_warps = _check_and_blocks(q, q_weight, cos, sin, FWD_TILE, FWD_ELEMENTS_PER_WARP)
+    _, _, Hk, _, kt, kh, _, k_warps = _check_and_blocks(k, k_weight, cos, sin, FWD_TILE, FWD_ELEMENTS_PER_WARP)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    cos, sin = _cos_sin(cos, sin, B, S, D)
+    y_q = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    y_k = torch.empty((B, S, Hk, D), dtype=k.dtype, device=k.device)
+    rstd_q = torch.empty((B * S, Hq), dtype=torch.float32, device=q.device)
+    rstd_k = torch.empty((B * S, Hk), dtype=torch.float32, device=k.device)
+    if B * S == 0:
+        return y_q, rstd_q, y_k, rstd_k
+    q_tiles = _n_tiles(B * S, Hq, qt, qh)
+    _fwd_pair_kernel[(q_tiles + _n_tiles(B * S, Hk, kt, kh),)](
+        q, q_weight.contiguous(), y_q, rstd_q, q.stride(0), q.stride(1), q.stride(2), Hq, q_eps,
+        k, k_weight.contiguous(), y_k, rstd_k, k.stride(0), k.stride(1), k.stride(2), Hk, k_eps,
+        cos, sin, cos.stride(0), cos.stride(1), B * S, S, D, D // 2, q_tiles,
+        Q_BLOCK_T=qt, Q_BLOCK_H=qh, K_BLOCK_T=kt, K_BLOCK_H=kh, BLOCK_HALF=half,
+        num_warps=max(q_warps, k_warps), enable_fp_fusion=False)
+    return y_q, rstd_q, y_k, rstd_k
+
+
+def qk_norm_rope_pair_backward(dy_q, q, q_weight, rstd_q, dy_k, k, k_weight, rstd_k, cos, sin):
+    """dx of the query and of the key in one launch, for frozen weights (no dw)."""
+    _check_pair(q, k)
+    B, S, Hq, D, qt, qh, half, q_warps = _check_and_blocks(q, q_weight, cos, sin, BWD_TILE, BWD_ELEMENTS_PER_WARP)
+    _, _, Hk, _, kt, kh, _, k_warps = _check_and_blocks(k, k_weight, cos, sin, BWD_TILE, BWD_ELEMENTS_PER_WARP)
+    dy_q, q, dy_k, k = (_last_dim_contiguous(t) for t in (dy_q, q, dy_k, k))
+    cos, sin = _cos_sin(cos, sin, B, S, D)
+    dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, S, Hk, D), dtype=k.dtype, device=k.device)
+    if B * S == 0:
+        return dq, dk
+    q_tiles = _n_tiles(B * S, Hq, qt, qh)
+    _bwd_pair_kernel[(q_tiles + _n_tiles(B * S, Hk, kt, kh),)](
+        dy_q, q, q_weight, rstd_q, dq, dy_q.stride(0), dy_q.stride(1), dy_q.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), Hq,
+        dy_k, k, k_weight, rstd_k, dk, dy_k.stride(0), dy_k.stride(1), dy_k.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), Hk,
+        cos, sin, cos.stride(0), cos.stride(1), B * S, S, D, D // 2, q_tiles,
+        Q_BLOCK_T=qt, Q_BLOCK_H=qh, K_BLOCK_T=kt, K_BLOCK_H=kh, BLOCK_HALF=half, num_warps=max(q_warps, k_warps))
+    return dq, dk
+
+
+class QKNormRoPEPairFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, q_weight, q_eps, k, k_weight, k_eps, cos, sin):
+        y_q, rstd_q, y_k, rstd_k = qk_norm_rope_pair_forward(q, q_weight, q_eps, k, k_weight, k_eps, cos, sin)
+        ctx.save_for_backward(q, q_weight, rstd_q, k, k_weight, rstd_k, cos, sin)
+        return y_q, y_k
+
+    @staticmethod
+    def backward(ctx, dy_q, dy_k):
+        q, q_weight, rstd_q, k, k_weight, rstd_k, cos, sin = ctx.saved_tensors
+        q_dw, k_dw = ctx.needs_input_grad[1], ctx.needs_input_grad[4]
+        if q_dw or k_dw:  # a norm weight trains: each through its own backward, which sums dw
+            dq, dw_q = qk_norm_rope_backward(dy_q, q, q_weight, cos, sin, rstd_q, compute_dw=q_dw)
+            dk, dw_k = qk_norm_rope_backward(dy_k, k, k_weight, cos, sin, rstd_k, compute_dw=k_dw)
+        else:
+            (dq, dk), dw_q, dw_k = qk_norm_rope_pair_backward(dy_q, q, q_weight, rstd_q, dy_k, k, k_weight, rstd_k,
+                                                              cos, sin), None, None
+        return dq, dw_q, None, dk, dw_k, None, None, None
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -261,3 +393,11 @@ def qk_norm_rope(x, weight, cos, sin, eps=1e-6):
     if use_triton(x, weight, cos, sin):
         return QKNormRoPEFunction.apply(x, weight, cos, sin, eps)
     return qk_norm_rope_reference(x, weight, cos, sin, eps)
+
+
+def qk_norm_rope_pair(q, q_weight, k, k_weight, cos, sin, q_eps=1e-6, k_eps=1e-6):
+    """qk_norm_rope of a query and a key (same tokens and head dim, any head counts), one launch
+    for both each way: Gemma 4's keys have 1-2 heads, too little work for launches of their own."""
+    if use_triton(q, q_weight, k, k_weight, cos, sin):
+        return QKNormRoPEPairFunction.apply(q, q_weight, q_eps, k, k_weight, k_eps, cos, sin)
+    return qk_norm_rope_reference(q, q_weight, cos, sin, q_eps), qk_norm_rope_reference(k, k_weight, cos, sin, k_eps)

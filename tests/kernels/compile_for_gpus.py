@@ -106,6 +106,11 @@ def _launch_every_kernel(dtype):
             _, rstd_q = qk_norm_rope.qk_norm_rope_forward(q, wq, cos, cos, 1e-6)
             for compute_dw in (True, False):
                 qk_norm_rope.qk_norm_rope_backward(q, q, wq, cos, cos, rstd_q, compute_dw)
+        for heads_q, heads_k, head_dim in ((8, 1, 256), (8, 2, 512)):  # a layer's query and key, one launch
+            q, k = rand(1, 2048, heads_q, head_dim), rand(1, 2048, heads_k, head_dim)
+            wq, cos = rand(head_dim), rand(1, 2048, head_dim)
+            _, rstd_q, _, rstd_k = qk_norm_rope.qk_norm_rope_pair_forward(q, wq, 1e-6, k, wq, 1e-6, cos, cos)
+            qk_norm_rope.qk_norm_rope_pair_backward(q, q, wq, rstd_q, k, k, wq, rstd_k, cos, cos)
         gate = rand(2048, 6144)
         geglu.geglu_forward(gate, gate)
         geglu.geglu_backward(gate, gate, gate)

@@ -151,6 +151,41 @@ def test_head_groups_in_small_tiles(monkeypatch):
     torch.testing.assert_close(dw, dw_ref, atol=1e-5 * dw_ref.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("frozen", [True, False])
+@pytest.mark.parametrize("layer_type,Hq,Hk,S", [("sliding_attention", 8, 1, 37), ("full_attention", 3, 2, 5)])
+def test_pair_equals_two_single_calls(poison_empty, monkeypatch, frozen, layer_type, Hq, Hk, S):
+    """qk_norm_rope_pair (query and key in one launch each way) gives what two qk_norm_rope calls
+    give: the same bits forward, and backward too with frozen weights (its own kernel); with
+    trained weights it runs the single backwards. Small tiles make several tiles per tensor."""
+    monkeypatch.setattr(mod, "MAX_TILE", 256)
+    cos, sin, q_norm = _rope_and_norm(64, 128, layer_type, S, torch.float32, seed=1)
+    k_norm = _rope_and_norm(64, 128, layer_type, S, torch.float32, seed=2)[2]
+    D = cos.shape[-1]
+    for norm in (q_norm, k_norm):
+        norm.weight.requires_grad_(not frozen)
+    q = torch.randn(2, S, Hq, D, requires_grad=True)
+    k = torch.randn(2, S, Hk, D, requires_grad=True)
+    gq, gk = torch.randn(2, S, Hq, D), torch.randn(2, S, Hk, D)
+    params = [q, k] + ([] if frozen else [q_norm.weight, k_norm.weight])
+
+    def outputs_and_grads(y_q, y_k):
+        return [y_q.detach(), y_k.detach(), *torch.autograd.grad((y_q, y_k), params, (gq, gk))]
+
+    pair = outputs_and_grads(*mod.qk_norm_rope_pair(q, q_norm.weight, k, k_norm.weight, cos, sin, 1e-6, 1e-5))
+    single = outputs_and_grads(mod.qk_norm_rope(q, q_norm.weight, cos, sin, 1e-6),
+                               mod.qk_norm_rope(k, k_norm.weight, cos, sin, 1e-5))
+    for got, want in zip(pair, single):
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, want)
+
+
+def test_pair_refuses_mismatched_tensors():
+    cos, sin = torch.ones(1, 2, 64), torch.ones(1, 2, 64)
+    with pytest.raises(ValueError, match="same B, S, D"):
+        mod.qk_norm_rope_pair_forward(torch.randn(1, 2, 2, 64), torch.ones(64), 1e-6,
+                                      torch.randn(1, 3, 1, 64), torch.ones(64), 1e-6, cos, sin)
+
+
 def test_refuses_bad_shapes():
     x = torch.randn(1, 2, 2, 63)
     with pytest.raises(ValueError, match="even head dim"):
@@ -204,3 +239,33 @@ def test_gpu_error_vs_fp64(dtype, layer_type, H):
     if dtype != torch.float32:  # forward roundings are the eager ones: nearly all elements identical
         same = (ours[0] == theirs[0]).float().mean().item()
         assert same > 0.99, same
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer_type,Hq,Hk", [("sliding_attention", 8, 1), ("full_attention", 8, 2)])
+def test_gpu_pair_equals_two_single_calls(dtype, layer_type, Hq, Hk):
+    """At E2B/E4B sizes, compiled: the pair kernels give the single kernels' results (frozen
+    weights, as LoRA trains; the single kernels' errors against fp64 are checked above). Equal
+    bits where both launches use the same warps per program; a different warp count may change
+    a sum's order, so up to 2 ulps on under 1% of elements are allowed."""
+    S = 2048
+    cos, sin, q_norm = _rope_and_norm(256, 512, layer_type, S, dtype, device="cuda", seed=1)
+    k_norm = _rope_and_norm(256, 512, layer_type, S, dtype, device="cuda", seed=2)[2]
+    q_norm.weight.requires_grad_(False)
+    k_norm.weight.requires_grad_(False)
+    D = cos.shape[-1]
+    q = (torch.randn(1, S, Hq, D, device="cuda") * 3).to(dtype).requires_grad_()
+    k = (torch.randn(1, S, Hk, D, device="cuda") * 3).to(dtype).requires_grad_()
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+    def run(y_q, y_k):
+        return [y_q.detach(), y_k.detach(), *torch.autograd.grad((y_q, y_k), (q, k), (gq, gk))]
+
+    pair = run(*mod.qk_norm_rope_pair(q, q_norm.weight, k, k_norm.weight, cos, sin))
+    single = run(mod.qk_norm_rope(q, q_norm.weight, cos, sin), mod.qk_norm_rope(k, k_norm.weight, cos, sin))
+    eps = torch.finfo(dtype).eps
+    for got, want in zip(pair, single):
+        assert torch.isfinite(got).all()
+        assert rel_max_err(got, want.double()) <= 2 * eps and (got == want).float().mean() > 0.99
