@@ -181,6 +181,24 @@ def run(record):
         del x, wn, dy, g, u, do, ref
         torch.cuda.empty_cache()
 
+    _record_ple_gate(record, liger, gen)
+
+
+def _record_ple_gate(record, liger, gen):
+    """Issue 3's optional kernel: the per-layer-embedding gate's `gelu_tanh(gate(h)) * per_layer_input`
+    is GeGLU's math on a [tokens, 256] tensor (256 on E2B and E4B alike). These rows say what the
+    GeGLU kernel would save there per layer against the eager ops transformers runs; times 35 (E2B)
+    or 42 (E4B) layers, that is the most a fused PLE gate could take off a training step."""
+    dev, ple_dim = "cuda", 256
+    g = (3 * torch.randn(TOKENS, ple_dim, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
+    u = torch.randn(TOKENS, ple_dim, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
+    do = torch.randn(TOKENS, ple_dim, device=dev, generator=gen).to(DTYPE)
+    impls = {"gemmatune": geglu, "torch": _eager_geglu}
+    if "geglu" in liger:
+        impls["liger"] = liger["geglu"]
+    _compare(record, "ple_gate_act_mul", f"e2b/e4b N{TOKENS} D{ple_dim}", impls, (g, u), do,
+             _fp64_results(geglu_reference, (g, u), do), bytes_moved=8 * g.numel() * g.element_size())
+
 
 if __name__ == "__main__":
     run(print)

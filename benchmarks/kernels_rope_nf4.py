@@ -1,4 +1,5 @@
-"""Benchmarks: qk_norm_rope, dequantize_nf4 and lora_nf4_linear against what they replace.
+"""Benchmarks: qk_norm_rope (alone and as a query/key pair), dequantize_nf4 and lora_nf4_linear
+against what they replace.
 
 `run(record)` is called by benchmarks/kernels.py. On CUDA it times the median of CUDA-graph replays
 (benchmarks/timing.py), measures the peak memory a call allocates on top of its inputs, the max relative error
@@ -24,6 +25,11 @@ QK_SHAPES = [  # (name, heads, head_dim, layer_type)
     ("q_full_8x512", 8, 512, "full_attention"),
     ("e2b_k_sliding_1x256", 1, 256, "sliding_attention"),
     ("e4b_k_full_2x512", 2, 512, "full_attention"),
+]
+QK_PAIR_SHAPES = [  # (name, query heads, key heads, head_dim, layer_type): one layer's q and k together
+    ("e2b_sliding_q8_k1", 8, 1, 256, "sliding_attention"),
+    ("e4b_sliding_q8_k2", 8, 2, 256, "sliding_attention"),
+    ("e4b_full_q8_k2", 8, 2, 512, "full_attention"),
 ]
 LINEAR_SHAPES = [  # (name, out, in)
     ("e2b_q", 2048, 1536), ("e2b_q_full", 4096, 1536), ("e2b_o", 1536, 2048),
@@ -159,6 +165,67 @@ def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
                             gbps=moved / ms / 1e6))
 
 
+def _bench_qk_pair(record, dev, dtype, cuda, tokens, shapes):
+    """A layer's query and key norm + RoPE, frozen weights (as LoRA trains): qk_norm_rope_pair
+    (one launch each way for both) against two qk_norm_rope calls in a row (what the pair
+    replaces, timed on the same inputs so both see the same L2 cache), two eager and two Liger
+    calls."""
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
+    from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextRotaryEmbedding,
+                                                            apply_rotary_pos_emb)
+
+    from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair, qk_norm_rope_reference
+
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    except Exception:  # reported by _bench_qk_norm_rope
+        LigerRMSNormFunction = None
+    for name, Hq, Hk, D, layer_type in shapes:
+        config = Gemma4TextConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=D,
+                                  global_head_dim=D, num_hidden_layers=2, intermediate_size=64, vocab_size=128,
+                                  layer_types=["sliding_attention", "full_attention"])
+        rope = Gemma4TextRotaryEmbedding(config, device=dev)
+        cos, sin = rope(torch.zeros(1, dtype=dtype, device=dev), torch.arange(tokens, device=dev)[None], layer_type)
+        q_norm, k_norm = (Gemma4RMSNorm(D).to(device=dev, dtype=dtype).requires_grad_(False) for _ in range(2))
+        q = torch.randn(1, tokens, Hq, D, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, tokens, Hk, D, device=dev, dtype=dtype, requires_grad=True)
+        gq, gk = torch.randn_like(q), torch.randn_like(k)
+        want = [qk_norm_rope_reference(x.detach().double(), n.weight.double(), cos.double(), sin.double())
+                for x, n in ((q, q_norm), (k, k_norm))]
+        pair, two_calls = "qk_norm_rope_pair_fwd_bwd_frozen_weight", "qk_norm_rope_two_calls_fwd_bwd_frozen_weight"
+        impls = [  # (kernel, impl, forward of q and k)
+            (pair, "gemmatune", lambda: qk_norm_rope_pair(q, q_norm.weight, k, k_norm.weight, cos, sin)),
+            (two_calls, "gemmatune", lambda: (qk_norm_rope(q, q_norm.weight, cos, sin),
+                                              qk_norm_rope(k, k_norm.weight, cos, sin))),
+            (pair, "torch", lambda: (apply_rotary_pos_emb(q_norm(q), cos, sin, unsqueeze_dim=2),
+                                     apply_rotary_pos_emb(k_norm(k), cos, sin, unsqueeze_dim=2))),
+        ]
+        if LigerRMSNormFunction is not None:
+            def liger():  # liger's rope takes q and k together, (B, heads, S, D)
+                qn = LigerRMSNormFunction.apply(q, q_norm.weight, 1e-6, 0.0, "gemma", False)
+                kn = LigerRMSNormFunction.apply(k, k_norm.weight, 1e-6, 0.0, "gemma", False)
+                yq, yk = liger_rotary_pos_emb(qn.transpose(1, 2), kn.transpose(1, 2), cos, sin)
+                return yq.transpose(1, 2), yk.transpose(1, 2)
+            impls.append((pair, "liger", liger))
+        n_bytes = (5 * (q.numel() + k.numel()) + 4 * tokens * D) * q.element_size()
+        for kernel, impl, fwd in impls:
+            def step():
+                y_q, y_k = fwd()
+                torch.autograd.grad((y_q, y_k), (q, k), (gq, gk))
+                return y_q
+            try:
+                rel = max(_rel(y.detach(), ref) for y, ref in zip(fwd(), want))
+                ms, timing = _median_ms(step, cuda)
+                mib = _peak_extra_mib(step, cuda)
+            except Exception as e:
+                print(f"[kernels_rope_nf4] {kernel} {impl} {name} failed: {e!r}")
+                continue
+            record(dict(kernel=kernel, impl=impl,
+                        shape=f"{tokens}x(q{Hq}+k{Hk})x{D}", dtype=str(dtype), median_ms=ms, timing=timing,
+                        peak_extra_mib=mib, rel_err=rel, gbps=n_bytes / ms / 1e6))
+
+
 def _quantize(out_f, in_f, dtype, dev, seed):
     """A bnb Linear4bit (NF4, double quant, as QLoRA loads it) whose weights were `dtype`."""
     import bitsandbytes as bnb
@@ -242,6 +309,8 @@ def run(record, quick=False):
     torch.manual_seed(0)
     _ceilings(record, dev, cuda)
     _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, qk_shapes)
+    _bench_qk_pair(record, dev, dtype, cuda, tokens, QK_PAIR_SHAPES if not quick else [("tiny", 2, 1, 64,
+                                                                                         "sliding_attention")])
     _bench_nf4(record, dev, dtype, cuda, lin_shapes)
     _bench_lora(record, dev, dtype, cuda, tokens, lin_shapes)
 
