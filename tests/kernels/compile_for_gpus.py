@@ -86,15 +86,22 @@ def _launch_every_kernel(dtype):
 
     from gemmatune.kernels import fused_linear_ce, geglu, nf4, qk_norm_rope, rms_norm
 
-    packed, quant_state = bnbF.quantize_4bit(torch.randn(64, 128).to(dtype), quant_type="nf4",
-                                             compress_statistics=True)
-    nf4.dequantize_nf4_forward(packed, quant_state, dtype=dtype)  # no GPU-specific settings: real CPU tensors
+    packed, quant_state = bnbF.quantize_4bit(torch.randn(2048, 1536).to(dtype), quant_type="nf4",
+                                             compress_statistics=True)  # quantised for real, on the CPU
     torch.cuda.get_device_properties = lambda device: SimpleNamespace(multi_processor_count=132)  # an H200's
     torch.Tensor.__getitem__ = _slice_as_narrow
     with FakeTensorMode(allow_non_fake_inputs=True):
         def rand(*shape):
             return torch.empty(*shape, device="cuda", dtype=dtype)
 
+        def like(t):
+            return torch.empty(t.shape, dtype=t.dtype, device="cuda")
+
+        # fake CUDA copies of the packed weight and its statistics: the wrapper then picks its GPU tile
+        quant_state.absmax, quant_state.code, quant_state.offset = map(like, (quant_state.absmax, quant_state.code,
+                                                                              quant_state.offset))
+        quant_state.state2.absmax, quant_state.state2.code = like(quant_state.state2.absmax), like(quant_state.state2.code)
+        nf4.dequantize_nf4_forward(like(packed), quant_state, dtype=dtype)
         x, w = rand(2048, 1536), rand(1536)
         _, x2, rstd = rms_norm.rms_norm_forward(x, w, 1e-6)
         for compute_dw in (True, False):

@@ -50,6 +50,17 @@ def test_triton_odd_sized_large_row_count(nested):
 
 
 @pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape, blocksize, tile", [((33, 40), 32, 64), ((333, 200), 4096, 1024), ((33, 40), 64, 32)])
+def test_triton_small_tiles(monkeypatch, shape, blocksize, tile, nested):
+    """Tiles as a GPU runs them: many programs, rows of blocksize/2 bytes (blocksize 32: 16-byte
+    rows), several programs inside one quantisation block (4096 with 1024-byte tiles), and a
+    tile smaller than a half block (64 with 32)."""
+    monkeypatch.setattr(nf4, "INTERPRETER_BYTES_PER_PROGRAM", tile)
+    packed, qs = _quantized(shape, torch.float32, blocksize, nested, seed=blocksize)
+    assert torch.equal(nf4.dequantize_nf4_forward(packed, qs), bnbF.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("blocksize", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
