@@ -182,6 +182,26 @@ def run(record):
         torch.cuda.empty_cache()
 
     _record_ple_gate(record, liger, gen)
+    _record_weight_grad_long(record, liger, gen)
+
+
+def _record_weight_grad_long(record, liger, gen, tokens=4 * TOKENS):
+    """RMSNorm with the weight gradient at 8192 tokens. At 2048 the dw path's second kernel (the
+    sum of the per-program partials) is a fixed ~2.5 us, a large share of a 12 us op; these
+    rows show how much of the shortfall is that fixed cost."""
+    dev = "cuda"
+    for size_name, size in SIZES.items():
+        H = size["hidden"]
+        x = torch.randn(tokens, H, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
+        wn = (1 + 0.3 * torch.randn(H, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
+        dy = torch.randn(tokens, H, device=dev, generator=gen).to(DTYPE)
+        impls = {"gemmatune": rms_norm, "torch": rms_norm_reference}
+        if "rms" in liger:
+            impls["liger"] = liger["rms"]
+        _compare(record, "rms_norm", f"{size_name} N{tokens} H{H}", impls, (x, wn), dy,
+                 _fp64_results(rms_norm_reference, (x, wn), dy), bytes_moved=5 * x.numel() * x.element_size())
+        del x, wn, dy
+        torch.cuda.empty_cache()
 
 
 def _record_ple_gate(record, liger, gen):
