@@ -98,9 +98,9 @@ def _launch_every_kernel(dtype):
             return torch.empty(t.shape, dtype=t.dtype, device="cuda")
 
         # fake CUDA copies of the packed weight and its statistics: the wrapper then picks its GPU tile
-        quant_state.absmax, quant_state.code, quant_state.offset = map(like, (quant_state.absmax, quant_state.code,
-                                                                              quant_state.offset))
-        quant_state.state2.absmax, quant_state.state2.code = like(quant_state.state2.absmax), like(quant_state.state2.code)
+        qs, qs2 = quant_state, quant_state.state2
+        qs.absmax, qs.code, qs.offset = like(qs.absmax), like(qs.code), like(qs.offset)
+        qs2.absmax, qs2.code = like(qs2.absmax), like(qs2.code)
         nf4.dequantize_nf4_forward(like(packed), quant_state, dtype=dtype)
         x, w = rand(2048, 1536), rand(1536)
         _, x2, rstd = rms_norm.rms_norm_forward(x, w, 1e-6)
