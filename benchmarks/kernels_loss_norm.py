@@ -152,72 +152,57 @@ def run(record):
         torch.cuda.empty_cache()
 
         # --- RMSNorm: bytes = x read twice, y written, dy read, dx written (+ w, negligible) ---
-        x = torch.randn(TOKENS, H, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
-        wn = (1 + 0.3 * torch.randn(H, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
-        dy = torch.randn(TOKENS, H, device=dev, generator=gen).to(DTYPE)
-        ref = _fp64_results(rms_norm_reference, (x, wn), dy)
-        impls = {"gemmatune": rms_norm, "torch": rms_norm_reference}
-        if "rms" in liger:
-            impls["liger"] = liger["rms"]
-        _compare(record, "rms_norm", f"{size_name} N{TOKENS} H{H}", impls, (x, wn), dy, ref,
-                 bytes_moved=5 * x.numel() * x.element_size())
+        x, wn, dy = _rms_inputs(TOKENS, H, gen)
+        _compare(record, "rms_norm", f"{size_name} N{TOKENS} H{H}", _rms_impls(liger), (x, wn), dy,
+                 _fp64_results(rms_norm_reference, (x, wn), dy), bytes_moved=5 * x.numel() * x.element_size())
         # LoRA freezes the norm weights: the backward computes dx only (same bytes moved)
         frozen = wn.detach()
-        _compare(record, "rms_norm_frozen_weight", f"{size_name} N{TOKENS} H{H}", impls, (x, frozen), dy,
+        _compare(record, "rms_norm_frozen_weight", f"{size_name} N{TOKENS} H{H}", _rms_impls(liger), (x, frozen), dy,
                  _fp64_results(rms_norm_reference, (x, frozen), dy), bytes_moved=5 * x.numel() * x.element_size())
-
         _record_norm_kernels(record, size_name, x, wn, dy)
-
-        # --- GEGLU: bytes = forward reads g, u, writes out; backward reads d out, g, u, writes dg, du
-        g = (3 * torch.randn(TOKENS, I, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
-        u = torch.randn(TOKENS, I, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
-        do = torch.randn(TOKENS, I, device=dev, generator=gen).to(DTYPE)
-        ref = _fp64_results(geglu_reference, (g, u), do)
-        impls = {"gemmatune": geglu, "torch": _eager_geglu}
-        if "geglu" in liger:
-            impls["liger"] = liger["geglu"]
-        _compare(record, "geglu", f"{size_name} N{TOKENS} I{I}", impls, (g, u), do, ref,
-                 bytes_moved=8 * g.numel() * g.element_size())
-        del x, wn, dy, g, u, do, ref
+        del x, wn, dy
+        _compare_geglu(record, "geglu", f"{size_name} N{TOKENS} I{I}", TOKENS, I, liger, gen)
         torch.cuda.empty_cache()
 
-    _record_ple_gate(record, liger, gen)
-    _record_weight_grad_long(record, liger, gen)
+    # Issue 3's optional kernel: the per-layer-embedding gate's `gelu_tanh(gate(h)) * per_layer_input`
+    # is GeGLU's math on a [tokens, 256] tensor (E2B and E4B alike). These rows say what the GeGLU
+    # kernel would save per layer against transformers' eager ops; times 35 (E2B) or 42 (E4B)
+    # layers, that is the most a fused PLE gate could take off a training step.
+    _compare_geglu(record, "ple_gate_act_mul", f"e2b/e4b N{TOKENS} D256", TOKENS, 256, liger, gen)
 
-
-def _record_weight_grad_long(record, liger, gen, tokens=4 * TOKENS):
-    """RMSNorm with the weight gradient at 8192 tokens. At 2048 the dw path's second kernel (the
-    sum of the per-program partials) is a fixed ~2.5 us, a large share of a 12 us op; these
-    rows show how much of the shortfall is that fixed cost."""
-    dev = "cuda"
+    # RMSNorm with the weight gradient at 8192 tokens. At 2048 the dw path's second kernel (the sum
+    # of the per-program partials) is a fixed ~2.5 us of a 12 us op; these rows show how much of
+    # the shortfall is that fixed cost.
     for size_name, size in SIZES.items():
-        H = size["hidden"]
-        x = torch.randn(tokens, H, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
-        wn = (1 + 0.3 * torch.randn(H, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
-        dy = torch.randn(tokens, H, device=dev, generator=gen).to(DTYPE)
-        impls = {"gemmatune": rms_norm, "torch": rms_norm_reference}
-        if "rms" in liger:
-            impls["liger"] = liger["rms"]
-        _compare(record, "rms_norm", f"{size_name} N{tokens} H{H}", impls, (x, wn), dy,
+        H, long = size["hidden"], 4 * TOKENS
+        x, wn, dy = _rms_inputs(long, H, gen)
+        _compare(record, "rms_norm", f"{size_name} N{long} H{H}", _rms_impls(liger), (x, wn), dy,
                  _fp64_results(rms_norm_reference, (x, wn), dy), bytes_moved=5 * x.numel() * x.element_size())
         del x, wn, dy
         torch.cuda.empty_cache()
 
 
-def _record_ple_gate(record, liger, gen):
-    """Issue 3's optional kernel: the per-layer-embedding gate's `gelu_tanh(gate(h)) * per_layer_input`
-    is GeGLU's math on a [tokens, 256] tensor (256 on E2B and E4B alike). These rows say what the
-    GeGLU kernel would save there per layer against the eager ops transformers runs; times 35 (E2B)
-    or 42 (E4B) layers, that is the most a fused PLE gate could take off a training step."""
-    dev, ple_dim = "cuda", 256
-    g = (3 * torch.randn(TOKENS, ple_dim, device=dev, generator=gen)).to(DTYPE).requires_grad_(True)
-    u = torch.randn(TOKENS, ple_dim, device=dev, generator=gen).to(DTYPE).requires_grad_(True)
-    do = torch.randn(TOKENS, ple_dim, device=dev, generator=gen).to(DTYPE)
-    impls = {"gemmatune": geglu, "torch": _eager_geglu}
-    if "geglu" in liger:
-        impls["liger"] = liger["geglu"]
-    _compare(record, "ple_gate_act_mul", f"e2b/e4b N{TOKENS} D{ple_dim}", impls, (g, u), do,
-             _fp64_results(geglu_reference, (g, u), do), bytes_moved=8 * g.numel() * g.element_size())
+def _rms_inputs(tokens, hidden, gen):
+    """x and a weight near one (both requiring grad), and an upstream gradient dy."""
+    x = torch.randn(tokens, hidden, device="cuda", generator=gen).to(DTYPE).requires_grad_(True)
+    w = (1 + 0.3 * torch.randn(hidden, device="cuda", generator=gen)).to(DTYPE).requires_grad_(True)
+    dy = torch.randn(tokens, hidden, device="cuda", generator=gen).to(DTYPE)
+    return x, w, dy
+
+
+def _rms_impls(liger):
+    return {"gemmatune": rms_norm, "torch": rms_norm_reference} | ({"liger": liger["rms"]} if "rms" in liger else {})
+
+
+def _compare_geglu(record, kernel, shape, tokens, width, liger, gen):
+    """GEGLU forward + backward on fresh inputs; bytes = forward reads g, u, writes out; backward
+    reads d out, g, u, writes dg, du."""
+    g = (3 * torch.randn(tokens, width, device="cuda", generator=gen)).to(DTYPE).requires_grad_(True)
+    u = torch.randn(tokens, width, device="cuda", generator=gen).to(DTYPE).requires_grad_(True)
+    do = torch.randn(tokens, width, device="cuda", generator=gen).to(DTYPE)
+    impls = {"gemmatune": geglu, "torch": _eager_geglu} | ({"liger": liger["geglu"]} if "geglu" in liger else {})
+    _compare(record, kernel, shape, impls, (g, u), do, _fp64_results(geglu_reference, (g, u), do),
+             bytes_moved=8 * g.numel() * g.element_size())
 
 
 if __name__ == "__main__":
