@@ -75,5 +75,9 @@ def trainable_parameters(model: nn.Module) -> str:
 
 
 def load_adapter(model: nn.Module, path, trainable: bool = False) -> PeftModel:
-    """Put a saved gemmatune/peft adapter on a freshly loaded base model."""
-    return PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    """Put a saved gemmatune/peft adapter on a freshly loaded base model, on the same kernels
+    as add_lora (so the reloaded model computes exactly what the trained one did)."""
+    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    if getattr(model, "gemmatune_use_kernels", False):
+        patch_lora(peft_model)
+    return peft_model

@@ -16,10 +16,15 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
   compute only their window through FlashAttention-2's window;
 - peft's LoRA-on-4-bit layers (after add_lora) -> NF4 dequant + matmul + LoRA in one
   autograd function that does not keep the dequantised weight alive for the backward;
+- always, kernels on or off: every bitsandbytes Linear4bit -> NF4Linear4bit, gemmatune's own
+  NF4 dequantisation + matmul (bitsandbytes' forward can rewrite the weight in place on some
+  CPUs, see NF4Linear4bit);
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
   (Gemma's activations can exceed 65504 on a T4, turning the loss into inf/NaN).
 The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
 """
+import functools
+
 import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
@@ -28,7 +33,7 @@ from gemmatune.attention import (attention_math, flash_window_available, sliding
                                  use_math_attention)
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
-from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear
+from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear, nf4_linear
 from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair
 from gemmatune.kernels.rms_norm import rms_norm
 
@@ -131,6 +136,37 @@ def _lora_4bit_class():
     return Linear4bit, KernelLoRALinear4bit
 
 
+@functools.cache
+def _nf4_linear_classes():
+    import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    class NF4Linear4bit(bnb.nn.Linear4bit):
+        """A frozen bitsandbytes NF4 Linear4bit computed by gemmatune's NF4 dequantisation and a
+        matmul, in every mode and on every device; bitsandbytes' own forward never runs.
+
+        Why: on a CPU with AVX512-BF16, bitsandbytes 0.50's forward, the first time it runs in
+        eval mode on an input that needs no gradient (generation: chat()), repacks the weight in
+        place into a CPU layout. From then on its forward is approximate and its backward has no
+        autograd kernel, so a model that generated once trains with wrong gradients. Here the
+        stored bytes are only ever read. Same math as bnb: x cast to the compute dtype, W
+        dequantised exactly as bnb does (tests/kernels/test_nf4.py), the output cast back."""
+
+        def forward(self, x):
+            fix_4bit_weight_quant_state_from_module(self)
+            quant_state = self.weight.quant_state
+            if quant_state is None or quant_state.quant_type != "nf4":
+                return super().forward(x)  # gemmatune loads NF4 only; anything else stays bnb's
+            if getattr(quant_state, "packing_format_for_cpu", False):
+                raise RuntimeError("this 4-bit layer's weight was repacked by bitsandbytes' CPU inference path "
+                                   "before gemmatune patched it, which cannot be undone exactly: load the model "
+                                   "again with gemmatune.load_model")
+            dtype = self.compute_dtype or x.dtype
+            return nf4_linear(x.to(dtype), self.weight, quant_state, self.bias).to(x.dtype)
+
+    return bnb.nn.Linear4bit, NF4Linear4bit
+
+
 def _plain_lora(layer, kwargs) -> bool:
     name = layer.active_adapters[0] if len(layer.active_adapters) == 1 else None
     return (
@@ -162,9 +198,24 @@ def patch_model(model: nn.Module, use_kernels: bool = True) -> list[str]:
                 _swap_class(model, module, new_class)
                 counts[new_class.__name__] = counts.get(new_class.__name__, 0) + 1
         report += [f"{n} modules -> {name}" for name, n in counts.items()]
+    n_4bit = _patch_4bit_layers(model)
+    if n_4bit:
+        report.append(f"{n_4bit} 4-bit layers -> gemmatune's NF4 path")
     if _compute_dtype(model) == torch.float16 and not model.gemmatune_hooks:
         report.append(f"{_add_fp16_clamps(model)} fp16 overflow clamps")
     return report
+
+
+def _patch_4bit_layers(model: nn.Module) -> int:
+    """Every plain bitsandbytes Linear4bit of this model -> NF4Linear4bit (not a speed choice:
+    a correctness one, so it happens with the kernels off too). Returns how many."""
+    if not any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        return 0  # no 4-bit layer: no need to import bitsandbytes
+    bnb_class, nf4_class = _nf4_linear_classes()
+    layers = [m for m in model.modules() if type(m) is bnb_class]
+    for layer in layers:
+        _swap_class(model, layer, nf4_class)
+    return len(layers)
 
 
 def patch_lora(model: nn.Module) -> list[str]:

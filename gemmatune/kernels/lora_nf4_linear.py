@@ -138,6 +138,50 @@ class LoRANF4LinearFunction(torch.autograd.Function):
         return dx, None, None, dA, dB, None, dbias
 
 
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x @ dequant(W)^T + bias with W frozen and no adapter: the same memory plan as the LoRA
+    function (W dequantised into the workspace in forward and again in backward, never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, quant_state, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        W = _dequantize(packed, quant_state, x.dtype)
+        y = torch.addmm(bias.to(x.dtype), x2, W.t()) if bias is not None else x2 @ W.t()
+        ctx.save_for_backward(packed)
+        ctx.quant_state, ctx.x_shape = quant_state, x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        (packed,) = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = (g2 @ _dequantize(packed, ctx.quant_state, g2.dtype)).view(ctx.x_shape)
+        if ctx.needs_input_grad[3]:
+            dbias = g2.sum(0).to(ctx.bias_dtype)
+        return dx, None, None, dbias
+
+
+def nf4_linear_reference(x, weight4bit, quant_state, bias=None):
+    """Eager PyTorch: dequantise (gemmatune's reference), then F.linear."""
+    W = dequantize_nf4_reference(weight4bit, quant_state).to(x.dtype)
+    return F.linear(x, W, bias.to(x.dtype) if bias is not None else None)
+
+
+def nf4_linear(x, weight4bit, quant_state, bias=None):
+    """y = x @ dequant(W)^T + bias for a frozen NF4 bnb Params4bit W (a 4-bit layer without LoRA)."""
+    out_features, in_features = quant_state.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {in_features}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"unsupported compute dtype {x.dtype}")
+    if use_triton(x, weight4bit):
+        return NF4LinearFunction.apply(x, weight4bit, quant_state, bias)
+    return nf4_linear_reference(x, weight4bit, quant_state, bias)
+
+
 def lora_nf4_linear_reference(x, weight4bit, quant_state, lora_A, lora_B, scale, bias=None):
     """Eager PyTorch: bnb Linear4bit's math (dequantise, then F.linear) + peft's separate LoRA branch.
 

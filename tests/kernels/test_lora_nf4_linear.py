@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 from gemmatune.kernels import lora_nf4_linear as mod  # noqa: E402
 from gemmatune.kernels._backend import use_triton  # noqa: E402
-from tests.kernels.helpers import log_error, rel_max_err  # noqa: E402
+from tests.kernels.helpers import log_error, nf4_oracle, rel_max_err  # noqa: E402
 
 
 def _layer(out_f, in_f, r, dtype, nested=True, bias=False, device="cpu", seed=0, quant_dtype=None):
@@ -84,7 +84,7 @@ def test_weight_dequantised_like_bnb_matmul_4bit():
     for quant_dtype in (torch.float32, torch.float16):
         w4, qs, A, B, _ = _layer(192, 320, 8, torch.float32, quant_dtype=quant_dtype)
         x = torch.randn(7, 320)
-        expected = x @ bnbF.dequantize_4bit(w4.data, qs).to(torch.float32).t()
+        expected = x @ nf4_oracle(w4.data, qs).to(torch.float32).t()
         got = mod.lora_nf4_linear(x, w4, qs, A, torch.zeros_like(B), 1.0)
         torch.testing.assert_close(got, expected, atol=0, rtol=0)  # same W, same GEMM, + exact zeros
 
@@ -105,6 +105,24 @@ def test_bf16_on_cpu_takes_reference():
     assert not use_triton(x, w4)
     torch.testing.assert_close(mod.lora_nf4_linear(x, w4, qs, A, B, 1.0),
                                mod.lora_nf4_linear_reference(x, w4, qs, A, B, 1.0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_nf4_linear_matches_reference_and_keeps_no_weight(poison_empty, dtype, bias):
+    """nf4_linear: the 4-bit layers without LoRA (PLE projections). y and dx against dequantise +
+    F.linear; the dequantised W is not kept for backward."""
+    w4, qs, _, _, b = _layer(192, 320, 8, dtype, bias=bias, seed=5)
+    mod.release_workspace()
+    x = torch.randn(2, 7, 320, generator=torch.Generator().manual_seed(6)).to(dtype).requires_grad_()
+    y = mod.nf4_linear(x, w4, qs, b)
+    y_ref = mod.nf4_linear_reference(x, w4, qs, b)
+    assert not any(t.is_floating_point() and t.numel() == 192 * 320 for t in y.grad_fn.saved_tensors)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]  # same W, same GEMM; fp16: a couple of ulps
+    for name, got, ref in zip(("y", "dx", "dbias"), (y, *_grads(y, (x, b), g)), (y_ref, *_grads(y_ref, (x, b), g))):
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, ref, atol=tol * ref.abs().max().item(), rtol=tol, msg=name)
 
 
 def test_refuses_mismatched_shapes():
@@ -135,7 +153,7 @@ FACTOR = 2.0
 def test_gpu_error_vs_fp64(dtype, name, out_f, in_f):
     r, rows, scale = 16, 2048, 2.0
     w4, qs, A, B, _ = _layer(out_f, in_f, r, dtype, device="cuda", seed=out_f + in_f)
-    W64 = bnbF.dequantize_4bit(w4.data, qs).double()
+    W64 = bnbF.dequantize_4bit(w4.data, qs).double()  # bitsandbytes' CUDA path
     x64 = torch.randn(rows, in_f, device="cuda", dtype=torch.float64, requires_grad=True)
     A64, B64 = A.detach().double().requires_grad_(), B.detach().double().requires_grad_()
     y64 = x64 @ W64.t() + (x64 @ A64.t()) @ B64.t() * scale
