@@ -49,22 +49,31 @@ def run_notebook(path, out=None, timeout: int = CELL_TIMEOUT_S) -> Path:
     return out
 
 
+DEFAULT_MODEL, DEFAULT_DATA = "google/gemma-4-E2B-it", "mlabonne/FineTome-100k"
+
+
 def run_training(args) -> int:
     """The notebook's flow as a script, with the text dashboard."""
     import gemmatune
 
-    model_id, data = gemmatune.choose_model_and_data(args.model, args.data, force_tiny=args.force_tiny)
+    model_id, data = gemmatune.choose_model_and_data(
+        args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA, force_tiny=args.force_tiny,
+        keep_model=args.model is not None, keep_data=args.data is not None)
+    if data.endswith((".json", ".jsonl")) and not Path(data).is_file():  # before minutes of loading
+        raise FileNotFoundError(f"--data {data}: no such file (relative paths start from {Path.cwd()})")
     lr = args.learning_rate or (TINY_LEARNING_RATE if model_id == gemmatune.TINY_MODEL_ID else 2e-4)
     model, tokenizer = gemmatune.load_model(model_id, max_seq_length=args.max_seq_length)
     model = gemmatune.add_lora(model, r=args.lora_rank)
     print(gemmatune.trainable_parameters(model))
     rows = data if data == "bundled" or Path(data).is_file() else gemmatune.load_hub_dataset(
         data, split=f"train[:{args.rows}]")
-    dataset = gemmatune.prepare_dataset(rows, tokenizer, max_seq_length=args.max_seq_length)
+    dataset = gemmatune.prepare_dataset(rows, tokenizer, max_seq_length=args.max_seq_length,
+                                        skip_bad_rows=args.skip_bad_rows)
     print(dataset.report())
     result = gemmatune.train(model, dataset, tokenizer, max_steps=args.steps, learning_rate=lr,
                              batch_size=args.batch_size, grad_accum=args.grad_accum,
-                             output_dir=args.output_dir, dashboard="text", resume_from=args.resume_from)
+                             output_dir=args.output_dir, dashboard="text", resume_from=args.resume_from,
+                             save_every=args.save_every)
     print(f"{result.status}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; adapter in {result.adapter_dir}"
           if result.losses else f"{result.status}: no step finished")
     return 0 if result.status == "done" else 1
@@ -78,9 +87,12 @@ def main(argv=None) -> int:
     nb.add_argument("--out", help="where to write it (default runs/<name>.executed.ipynb)")
     nb.add_argument("--timeout", type=int, default=CELL_TIMEOUT_S, help="seconds per cell")
     tr = sub.add_parser("train", help="fine-tune with LoRA/QLoRA from the command line")
-    tr.add_argument("--model", default="google/gemma-4-E2B-it")
-    tr.add_argument("--data", default="mlabonne/FineTome-100k", help="hub dataset, .json/.jsonl file or 'bundled'")
+    tr.add_argument("--model", help=f"hub id or local folder (default {DEFAULT_MODEL}; without a GPU the "
+                                    "embedded tiny model, unless you name one)")
+    tr.add_argument("--data", help=f"hub dataset, .json/.jsonl file or 'bundled' (default {DEFAULT_DATA}; "
+                                   "without a GPU the bundled dataset, unless you name one)")
     tr.add_argument("--rows", type=int, default=2000, help="first N rows of a hub dataset's train split")
+    tr.add_argument("--skip-bad-rows", action="store_true", help="skip rows that cannot be read, and count them")
     tr.add_argument("--steps", type=int, default=60)
     tr.add_argument("--learning-rate", type=float, help="default 2e-4 (2e-3 for the tiny model)")
     tr.add_argument("--batch-size", type=int, default=2)
@@ -88,19 +100,30 @@ def main(argv=None) -> int:
     tr.add_argument("--lora-rank", type=int, default=16)
     tr.add_argument("--max-seq-length", type=int, default=2048)
     tr.add_argument("--output-dir", default="outputs/gemma4-e2b-text")
+    tr.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
     tr.add_argument("--resume-from", help="a checkpoint-N folder to continue from")
     tr.add_argument("--force-tiny", action="store_true", help="use the embedded tiny model even with a GPU")
     args = parser.parse_args(argv)
-    if args.command == "notebook":
-        from nbclient.exceptions import CellExecutionError
+    from gemmatune.errors import GemmatuneError
 
-        try:
-            run_notebook(args.path, args.out, args.timeout)
-        except CellExecutionError as exc:
-            print(f"gemmatune: a cell failed:\n{exc}", file=sys.stderr)
-            return 1
-        return 0
-    return run_training(args)
+    try:
+        if args.command == "notebook":
+            return run_notebook_command(args)
+        return run_training(args)
+    except (GemmatuneError, FileNotFoundError) as exc:  # the user's mistake: one line, not a traceback
+        print(f"gemmatune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_notebook_command(args) -> int:
+    from nbclient.exceptions import CellExecutionError
+
+    try:
+        run_notebook(args.path, args.out, args.timeout)
+    except CellExecutionError as exc:
+        print(f"gemmatune: a cell failed:\n{exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

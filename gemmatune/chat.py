@@ -10,6 +10,32 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
+def _reply_streamer(tokenizer):
+    """transformers' TextStreamer, printing the reply as chat() returns it: no leading blank
+    lines, and no run of more than one empty line (a random or barely trained model can emit
+    hundreds of newline tokens, screens of nothing)."""
+    from transformers import TextStreamer
+
+    class ReplyStreamer(TextStreamer):
+        started, newlines = False, 0
+
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            shown = []
+            for char in text:
+                if char == "\n":
+                    self.newlines += 1
+                    continue
+                if not self.started and char.isspace():
+                    continue
+                if self.started and self.newlines:
+                    shown.append("\n" * min(self.newlines, 2))
+                self.started, self.newlines = True, 0
+                shown.append(char)
+            print("".join(shown), flush=True, end="\n" if stream_end else "")
+
+    return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 def chat(model, tokenizer, messages, max_new_tokens: int = 128, stream: bool = True,
          temperature: float = 0.0, top_p: float = 0.95, seed: int = 0) -> str:
     """Reply to `messages` (a string, or a list of {"role", "content"} dicts) and return it.
@@ -17,14 +43,12 @@ def chat(model, tokenizer, messages, max_new_tokens: int = 128, stream: bool = T
     temperature 0 decodes greedily (repeatable before/after comparisons); stream=True
     prints the words as they come.
     """
-    from transformers import TextStreamer
-
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     prompt = format_chat(messages, add_generation_prompt=True)
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    streamer = _reply_streamer(tokenizer) if stream else None
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     was_training = model.training
     model.eval()

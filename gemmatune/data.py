@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
 
+from gemmatune.errors import DatasetDownloadError, DatasetFormatError  # noqa: F401 (re-exported)
+
 BUNDLED_DATASET = Path(__file__).parent / "assets" / "gemmatune_instruct.jsonl"
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -33,14 +35,7 @@ ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assi
          "model": "assistant", "system": "system"}
 ACCEPTED_ROLES = "user/human, assistant/gpt/model, system"
 PART_PLACEHOLDERS = {"image": "<|image|>", "audio": "<|audio|>"}  # the processor expands these
-
-
-class DatasetFormatError(ValueError):
-    """A row that cannot become a conversation; the message names the row, the problem and a fix."""
-
-
-class DatasetDownloadError(RuntimeError):
-    """A hub dataset could not be loaded (usually: no network)."""
+SKIP_HINT = "Fix the row, or pass skip_bad_rows=True to skip such rows (they are counted in the report)."
 
 
 def bundled_dataset_path() -> Path:
@@ -49,7 +44,7 @@ def bundled_dataset_path() -> Path:
 
 
 # ------------------------------------------------------------------ rows -> messages
-def to_messages(row, index=None) -> list[dict]:
+def to_messages(row, where: str | None = None) -> list[dict]:
     """Convert one row of a common chat schema to [{"role": "system"|"user"|"assistant", "content"}].
 
     Why one function for three schemas: datasets on the hub come as ShareGPT (`conversations` with
@@ -58,11 +53,12 @@ def to_messages(row, index=None) -> list[dict]:
     {"type": "text", "text": ...} parts becomes one string (parts trimmed and concatenated, as
     Gemma's chat template does), and stays a list if it holds image or audio parts, for the
     multimodal notebooks. Anything else raises DatasetFormatError naming the row and the fix.
+    `where` names the row in errors ("row 3", "line 7": prepare_dataset counts from 1).
     """
-    where = "row" if index is None else f"row {index}"
+    where = where or "row"
     if not isinstance(row, dict):
         raise DatasetFormatError(f"{where}: expected a dict, got {type(row).__name__}. "
-                                 "Each row must be a mapping of column name to value.")
+                                 "Each row must be a mapping of column name to value.", "not a dict")
     if row.get("messages") is not None:
         turns = row["messages"]
     elif row.get("conversations") is not None:
@@ -73,17 +69,20 @@ def to_messages(row, index=None) -> list[dict]:
         raise DatasetFormatError(
             f"{where}: no 'conversations', 'messages' or 'instruction'/'output' columns "
             f"(found: {', '.join(map(str, row)) or 'nothing'}). "
-            "Rename your columns or pass a formatting function (formatting_func=...).")
+            "Rename your columns or pass a formatting function (formatting_func=...).", "unknown columns")
     if not isinstance(turns, (list, tuple)):
         raise DatasetFormatError(f"{where}: the conversation is a {type(turns).__name__}, expected a list "
-                                 "of turns ({'role': ..., 'content': ...} or {'from': ..., 'value': ...}).")
+                                 "of turns ({'role': ..., 'content': ...} or {'from': ..., 'value': ...}).",
+                                 "conversation not a list")
     if not turns:
-        raise DatasetFormatError(f"{where}: the conversation is empty. Drop the row or fill it in.")
+        raise DatasetFormatError(f"{where}: the conversation is empty. Drop the row or fill it in.",
+                                 "empty conversation")
     messages = [_turn_to_message(turn, i, where) for i, turn in enumerate(turns)]
     if messages[-1]["role"] != "assistant":
         raise DatasetFormatError(
             f"{where}: the last turn is from the {messages[-1]['role']}, not the assistant, so there "
-            "is no answer to train on. End each conversation with an assistant turn, or drop the row.")
+            "is no answer to train on. End each conversation with an assistant turn, or drop the row.",
+            "no answer turn")
     return messages
 
 
@@ -91,20 +90,20 @@ def _turn_to_message(turn, i: int, where: str) -> dict:
     """One turn, in either ShareGPT (`from`/`value`) or OpenAI (`role`/`content`) keys."""
     if not isinstance(turn, dict):
         raise DatasetFormatError(f"{where}: turn {i} is a {type(turn).__name__}, expected a dict "
-                                 "with 'role' and 'content' (or 'from' and 'value').")
+                                 "with 'role' and 'content' (or 'from' and 'value').", "bad turn")
     role = turn.get("role") if turn.get("role") is not None else turn.get("from")
     content = turn.get("content") if turn.get("content") is not None else turn.get("value")
     if role is None:
         raise DatasetFormatError(f"{where}: turn {i} has no 'role' or 'from' key "
-                                 f"(keys: {', '.join(turn)}).")
+                                 f"(keys: {', '.join(turn)}).", "bad turn")
     if not isinstance(role, str) or role.lower() not in ROLES:
         raise DatasetFormatError(f"{where}: turn {i} has unknown role {role!r}. Accepted roles: "
-                                 f"{ACCEPTED_ROLES}. Map other roles with a formatting function.")
+                                 f"{ACCEPTED_ROLES}. Map other roles with a formatting function.", "unknown role")
     role = ROLES[role.lower()]
     content = _normalise_content(content, f"{where}: turn {i} ({role})")
     if role == "assistant" and not (content.strip() if isinstance(content, str) else content):
         raise DatasetFormatError(f"{where}: turn {i} (assistant) is empty; an empty answer would teach "
-                                 "the model to say nothing. Drop the row or fill in the answer.")
+                                 "the model to say nothing. Drop the row or fill in the answer.", "empty answer")
     return {"role": role, "content": content}
 
 
@@ -115,7 +114,8 @@ def _normalise_content(content, where: str):
     if not isinstance(content, (list, tuple)):
         raise DatasetFormatError(
             f"{where}: content is {type(content).__name__}, expected a string or a list of "
-            "{'type': 'text', 'text': ...} parts. Convert it to text, e.g. with a formatting function.")
+            "{'type': 'text', 'text': ...} parts. Convert it to text, e.g. with a formatting function.",
+            "bad content")
     parts = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
@@ -125,7 +125,7 @@ def _normalise_content(content, where: str):
             parts.append(dict(part))
         else:
             raise DatasetFormatError(f"{where}: content part {part!r:.80} is not a text, image or audio "
-                                     "part ({'type': 'text', 'text': ...}, {'type': 'image', ...}).")
+                                     "part ({'type': 'text', 'text': ...}, {'type': 'image', ...}).", "bad content")
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"].strip() for p in parts)
     return parts
@@ -136,10 +136,11 @@ def _alpaca_to_messages(row: dict, where: str) -> list[dict]:
     instruction, extra, output = row["instruction"], row.get("input") or "", row["output"]
     for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
         if not isinstance(value, str):
-            raise DatasetFormatError(f"{where}: '{name}' is {type(value).__name__}, expected a string.")
+            raise DatasetFormatError(f"{where}: '{name}' is {type(value).__name__}, expected a string.",
+                                     "bad content")
     if not output.strip():
         raise DatasetFormatError(f"{where}: 'output' is empty, so there is no answer to train on. "
-                                 "Drop the row or fill in the output.")
+                                 "Drop the row or fill in the output.", "empty answer")
     user = instruction + "\n\n" + extra if extra.strip() else instruction
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
@@ -219,6 +220,8 @@ class PreparedDataset:
     truncated: list[bool] = field(default_factory=list)  # per example
     rows_dropped_long: int = 0  # longer than max_seq_length with drop_long=True
     rows_dropped_untrained: int = 0  # no trained token left after truncation
+    rows_skipped: dict = field(default_factory=dict)  # reason -> count, with skip_bad_rows=True
+    first_skipped: str = ""  # the first skipped row's error, so the reader sees an example
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -234,7 +237,7 @@ class PreparedDataset:
 
     @property
     def rows_dropped(self) -> int:
-        return self.rows_dropped_long + self.rows_dropped_untrained
+        return self.rows_dropped_long + self.rows_dropped_untrained + sum(self.rows_skipped.values())
 
     @property
     def total_tokens(self) -> int:
@@ -249,14 +252,20 @@ class PreparedDataset:
         text = (f"{self.rows:,} rows, {self.total_tokens:,} tokens ({self.trained_tokens:,} trained); "
                 f"{self.rows_truncated:,} rows longer than {self.max_seq_length:,} tokens were truncated; "
                 f"{self.rows_dropped:,} dropped")
-        if self.rows_dropped:
-            text += (f" ({self.rows_dropped_long:,} longer than {self.max_seq_length:,} tokens, "
-                     f"{self.rows_dropped_untrained:,} with no answer token left after truncation)")
+        reasons = [(n, f"longer than {self.max_seq_length:,} tokens") for n in [self.rows_dropped_long] if n]
+        reasons += [(n, "with no answer token left after truncation") for n in [self.rows_dropped_untrained] if n]
+        reasons += [(n, f"skipped: {reason}") for reason, n in sorted(self.rows_skipped.items())]
+        if reasons:
+            text += " (" + ", ".join(f"{n:,} {why}" for n, why in reasons) + ")"
+        if self.first_skipped:
+            text += f"; first skipped: {self.first_skipped}"
         return text
 
 
-def _load_rows(data):
-    """Rows from "bundled", a .json/.jsonl path, a datasets.Dataset or any iterable of dicts."""
+def _numbered_rows(data):
+    """(where, row) pairs: where names the row in errors, counted from 1 ("line N" in a JSON Lines
+    file, the file's own line number; "row N" elsewhere). A broken JSON line comes as its
+    DatasetFormatError in place of the row, so the caller decides whether to skip it."""
     if isinstance(data, str) and data == "bundled":
         data = bundled_dataset_path()
     if isinstance(data, (str, os.PathLike)):
@@ -265,46 +274,57 @@ def _load_rows(data):
             raise FileNotFoundError(f"data={str(data)!r} is not a file. Pass data='bundled', a .json or "
                                     f".jsonl path, a list of rows, or load_hub_dataset({str(data)!r}).")
         if path.suffix == ".jsonl":
-            return _read_jsonl(path)
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise DatasetFormatError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}. "
-                                     "Use a list, or JSON Lines (.jsonl) with one row a line.")
-        return rows
+            yield from _read_jsonl(path)
+            return
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, list):
+            raise DatasetFormatError(f"{path}: expected a JSON list of rows, got {type(data).__name__}. "
+                                     "Use a list, or JSON Lines (.jsonl) with one row a line.", "not a list")
     if isinstance(data, dict):  # a DatasetDict is a dict of splits
         raise DatasetFormatError(f"data is a dict with keys {', '.join(map(str, data))}: pass one split, "
-                                 "e.g. data['train'], or a list of rows.")
-    return data
+                                 "e.g. data['train'], or a list of rows.", "not a list")
+    for number, row in enumerate(data, start=1):
+        yield f"row {number}", row
 
 
-def _read_jsonl(path: Path) -> list:
-    """JSON Lines, with the line number in the error for a broken line."""
-    rows = []
+def _read_jsonl(path: Path):
+    """JSON Lines: (line N, row) for each non-blank line, N being the file's line number."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                yield f"line {number}", json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DatasetFormatError(f"{path} line {number}: not valid JSON ({exc.msg}).") from exc
-    return rows
+                yield f"line {number}", DatasetFormatError(f"{path} line {number}: not valid JSON ({exc.msg}).",
+                                                           "not valid JSON")
 
 
 def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs: bool = False,
-                    drop_long: bool = False, formatting_func=None) -> PreparedDataset:
-    """Convert and tokenise every row; count what was truncated or dropped.
+                    drop_long: bool = False, formatting_func=None, skip_bad_rows: bool = False) -> PreparedDataset:
+    """Convert and tokenise every row; count what was truncated, dropped or skipped.
 
     `data`: "bundled", a path to .json/.jsonl, a datasets.Dataset, or a list of dict rows.
     `formatting_func(row)` may return a list of messages or a row in a supported schema, for
     columns `to_messages` does not know. drop_long=True drops rows over max_seq_length instead of
     truncating them (truncation can cut an answer mid-sentence). Rows with no trained token left
-    are always dropped: they would cost compute and train nothing.
+    are always dropped: they would cost compute and train nothing. A row that cannot be read
+    raises DatasetFormatError naming it (rows and lines count from 1); skip_bad_rows=True skips
+    such rows instead and counts them by reason in `report()`.
     """
+    if not isinstance(max_seq_length, int) or max_seq_length < 2:
+        raise ValueError(f"max_seq_length={max_seq_length!r}: a row needs at least 2 tokens (<bos> and one "
+                         "trained token); Gemma 4 rows are usually 256-4096 tokens long")
     prepared, cache = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}
-    for index, row in enumerate(_load_rows(data)):
-        if formatting_func is not None:
-            row = formatting_func(row)
-            row = {"messages": row} if isinstance(row, (list, tuple)) else row
-        messages = to_messages(row, index)
+    for where, row in _numbered_rows(data):
+        try:
+            if isinstance(row, DatasetFormatError):
+                raise row
+            messages = _row_messages(row, where, formatting_func)
+        except DatasetFormatError as error:
+            if not skip_bad_rows:
+                raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
+            prepared.rows_skipped[error.reason] = prepared.rows_skipped.get(error.reason, 0) + 1
+            prepared.first_skipped = prepared.first_skipped or str(error)
+            continue
         tokens = tokenize_conversation(tokenizer, messages, max_seq_length, train_on_inputs, cache)
         if tokens["truncated"] and drop_long:
             prepared.rows_dropped_long += 1
@@ -314,6 +334,13 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
             prepared.examples.append({"input_ids": tokens["input_ids"], "labels": tokens["labels"]})
             prepared.truncated.append(tokens["truncated"])
     return prepared
+
+
+def _row_messages(row, where: str, formatting_func) -> list[dict]:
+    if formatting_func is not None:
+        row = formatting_func(row)
+        row = {"messages": row} if isinstance(row, (list, tuple)) else row
+    return to_messages(row, where)
 
 
 def load_hub_dataset(name: str, split: str = "train", **kwargs):
@@ -340,7 +367,9 @@ def split_train_eval(prepared: PreparedDataset, eval_fraction: float = 0.05, see
             examples=[prepared.examples[i] for i in indices], max_seq_length=prepared.max_seq_length,
             truncated=[prepared.truncated[i] for i in indices],
             rows_dropped_long=prepared.rows_dropped_long if keep_counts else 0,
-            rows_dropped_untrained=prepared.rows_dropped_untrained if keep_counts else 0)
+            rows_dropped_untrained=prepared.rows_dropped_untrained if keep_counts else 0,
+            rows_skipped=dict(prepared.rows_skipped) if keep_counts else {},
+            first_skipped=prepared.first_skipped if keep_counts else "")
 
     return part(order[n_eval:], True), part(order[:n_eval], False)
 
@@ -380,7 +409,7 @@ def show_example(prepared, tokenizer, index: int = 0) -> str:
     runs = groupby(zip(ex["input_ids"], ex["labels"]), key=lambda pair: pair[1] != IGNORE_INDEX)
     spans = [[token for token, _ in run] for is_trained, run in runs if is_trained]
     trained = sum(len(span) for span in spans)
-    lines = [f"row {index}: {len(ex['input_ids'])} tokens, {trained} trained",
+    lines = [f"dataset[{index}]: {len(ex['input_ids'])} tokens, {trained} trained",
              "--- what the model reads ---", tokenizer.decode(ex["input_ids"]).rstrip("\n"),
              "--- what the loss trains (labels != -100) ---"]
     lines += [f"[{i}] {tokenizer.decode(span)}" for i, span in enumerate(spans, start=1)]

@@ -6,11 +6,16 @@ model alone, `Gemma4ForCausalLM`, and maps the checkpoint's `model.language_mode
 onto it: without that mapping transformers silently leaves the weights random. The vision
 and audio towers are never built, so they cost no memory.
 """
+import os
+import socket
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
 from gemmatune import ple
+from gemmatune.errors import ModelLoadError
 from gemmatune.memory import check_fits
 from gemmatune.patching import patch_model
 from gemmatune.tiny import TINY_MODEL_ID, tiny_model_dir
@@ -48,6 +53,63 @@ class Gemma4ForConditionalGenerationHostPLE(hf_gemma4.Gemma4ForConditionalGenera
 def resolve_model_id(model_id: str) -> str:
     """The embedded tiny model answers to TINY_MODEL_ID; everything else goes to the hub/disk."""
     return str(tiny_model_dir()) if model_id == TINY_MODEL_ID else model_id
+
+
+def load_config(model_id: str, path: str, **hub_kwargs):
+    """(config, hub_kwargs) of a hub id or a local folder, with an error that says what to do.
+
+    transformers' own errors are cryptic for the usual mistakes (a missing folder reads "Repo id
+    must be in the form...", an adapter folder "Unrecognized model"), and without a network it
+    retries for about 25 s before failing. A folder is checked before transformers sees it; for
+    a hub id the hub is probed first and, when unreachable, only the local cache is used."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        _check_model_folder(model_id, local)
+    elif _looks_like_a_path(path):
+        raise ModelLoadError(f"no model folder {path!r} (relative paths start from {os.getcwd()}): check the "
+                             "path, or pass a hub id such as 'google/gemma-4-E2B-it'")
+    elif not hub_kwargs.get("local_files_only") and not _hub_reachable():
+        hub_kwargs = {**hub_kwargs, "local_files_only": True}  # no network: the cache or nothing, at once
+    try:
+        return AutoConfig.from_pretrained(path, **hub_kwargs), hub_kwargs
+    except (OSError, ValueError) as exc:
+        offline = hub_kwargs.get("local_files_only")
+        raise ModelLoadError(
+            f"could not load {model_id!r} from the Hugging Face hub"
+            f"{' (the hub is not reachable from here and it is not in the local cache)' if offline else ''}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}. Check the name; for a gated model such as Gemma, "
+            "accept its license on huggingface.co and log in (`hf auth login` or HF_TOKEN). Without a network, "
+            "pass a local folder, or gemmatune.TINY_MODEL_ID for the embedded tiny model.") from exc
+
+
+def _check_model_folder(model_id: str, folder: Path) -> None:
+    if (folder / "config.json").is_file():
+        return
+    if (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{model_id!r} is a LoRA adapter, not a model: load its base model with load_model "
+                             f"(adapter_config.json names it), then gemmatune.load_adapter(model, {model_id!r})")
+    raise ModelLoadError(f"the folder {model_id!r} has no config.json, so it is not a model checkpoint: pass the "
+                         "folder that save_pretrained wrote, or a hub id such as 'google/gemma-4-E2B-it'")
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name that cannot be a hub id ('name' or 'owner/name')."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).is_file()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers at all (a TCP connection, nothing sent)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -96,7 +158,7 @@ def load_model(
     path = resolve_model_id(model_id)
     target = pick_device(device)
     compute_dtype, why_dtype = pick_dtype(dtype, target)
-    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    config, hub_kwargs = load_config(model_id, path, **hub_kwargs)
     text_only = tuple(modalities) == ("text",)
     model_cls, load_kwargs = _model_class_and_kwargs(config, text_only, offload_per_layer_embeddings)
     if load_in_4bit:

@@ -5,7 +5,9 @@ also matches the towers' `Gemma4ClippableLinear` wrappers, which peft rejects, a
 Gemma 4 it would match K/V projections of KV-shared layers, which those layers never run
 (they reuse an earlier layer's K/V). We list the language model's projections ourselves.
 """
+import contextlib
 import re
+import warnings
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -62,10 +64,20 @@ def add_lora(
         r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout, bias="none",
         target_modules=language_model_targets(model, target_modules), task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+    with _quiet_peft():
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
     if getattr(model, "gemmatune_use_kernels", False):
         patch_lora(peft_model)
     return peft_model
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model,
+    which warns in every notebook run; the user can do nothing about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def trainable_parameters(model: nn.Module) -> str:
@@ -77,7 +89,8 @@ def trainable_parameters(model: nn.Module) -> str:
 def load_adapter(model: nn.Module, path, trainable: bool = False) -> PeftModel:
     """Put a saved gemmatune/peft adapter on a freshly loaded base model, on the same kernels
     as add_lora (so the reloaded model computes exactly what the trained one did)."""
-    peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+    with _quiet_peft():
+        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
     if getattr(model, "gemmatune_use_kernels", False):
         patch_lora(peft_model)
     return peft_model

@@ -16,11 +16,12 @@ import torch
 
 from gemmatune.dashboard import make_dashboard
 from gemmatune.data import collate
+from gemmatune.errors import TrainingSetupError
 from gemmatune.graphs import MicroStep
 from gemmatune.loss import count_label_tokens
 from gemmatune.memory import check_fits, choose_checkpointing
 from gemmatune.patching import enable_gradient_checkpointing
-from gemmatune.saving import save_adapter, save_checkpoint, load_checkpoint
+from gemmatune.saving import check_writable, load_checkpoint, prune_checkpoints, save_adapter, save_checkpoint
 
 
 @dataclass
@@ -41,7 +42,7 @@ class TrainConfig:
     seed: int = 3407
     output_dir: str = "outputs"
     save_every: int = 0            # checkpoint every N steps (0 = only at the end)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2      # of this run's checkpoints, the newest N are kept (0 = all)
     dashboard: str = "auto"        # "auto" | "widget" | "text" | "off"
 
 
@@ -50,7 +51,6 @@ class TrainState:
     step: int = 0
     tokens_trained: int = 0
     losses: list = field(default_factory=list)
-    rng: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -133,6 +133,8 @@ def adamw_8bit(params, **kwargs):
 
 def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int):
     """Endless shuffled micro-batches; each epoch reshuffles with its own seed."""
+    if len(dataset) == 0:
+        raise TrainingSetupError("the dataset is empty: there is nothing to train on")
     epoch = 0
     while True:
         order = list(range(len(dataset)))
@@ -148,11 +150,17 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
     """Fine-tune the LoRA adapters of `model` on `dataset` (from gemmatune.prepare_dataset)."""
     config = config or TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides})
+    check_before_training(dataset, config)
     torch.manual_seed(config.seed)
     device = next(p for p in model.parameters() if p.requires_grad).device
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     optimizer = make_optimizer(model, config)
     state = load_checkpoint(resume_from, model, optimizer) if resume_from else TrainState()
+    if state.step >= config.max_steps:
+        raise TrainingSetupError(f"the checkpoint {resume_from} is at step {state.step} and max_steps is "
+                                 f"{config.max_steps}: nothing is left to train; raise max_steps to continue")
+    for param in model.parameters():  # a backward run before train() must not leak into step 1
+        param.grad = None
     batches = micro_batches(dataset, config, pad_id, config.seed)
     for _ in range(state.step * config.grad_accum):  # replay the data order when resuming
         next(batches)
@@ -169,7 +177,7 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
     print("  " + micro_step.describe())
 
     dash = make_dashboard(config.max_steps, title="gemmatune: fine-tuning", mode=config.dashboard)
-    status = "done"
+    status, checkpoints = "done", []
     try:
         while state.step < config.max_steps:
             lr = learning_rate_at(state.step, config)
@@ -189,8 +197,9 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
             grad_norm = float(grad_norm) if grad_norm is not None else None
             dash.update(state.step, state.losses[-1], lr, n_tokens, grad_norm)
             if config.save_every and state.step % config.save_every == 0 and state.step < config.max_steps:
-                path = save_checkpoint(model, tokenizer, optimizer, state, config.output_dir, config.keep_checkpoints)
-                dash.note(f"checkpoint saved to {path}")
+                checkpoints.append(save_checkpoint(model, tokenizer, optimizer, state, config.output_dir))
+                checkpoints = prune_checkpoints(checkpoints, config.keep_checkpoints)
+                dash.note(f"checkpoint saved to {checkpoints[-1]}")
     except KeyboardInterrupt:
         status = "interrupted"
     except BaseException:  # out of memory, a bad batch...: keep what was trained, then re-raise
@@ -202,6 +211,22 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
         summary = dash.close(status)
         model.eval()
     return TrainResult(status=status, state=state, adapter_dir=str(adapter_dir), summary=summary)
+
+
+def check_before_training(dataset, config: TrainConfig) -> None:
+    """Refuse, before the first step, what would make training loop forever, do nothing, or fail
+    only at its end: an empty dataset, no steps, an output folder that cannot be written."""
+    if not isinstance(config.max_steps, int) or config.max_steps < 1:
+        raise TrainingSetupError(f"max_steps={config.max_steps!r}: train at least one step (max_steps=1 or more); "
+                                 "nothing was trained and nothing was saved")
+    for name in ("batch_size", "grad_accum"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise TrainingSetupError(f"{name}={getattr(config, name)!r}: must be a whole number of at least 1")
+    if len(dataset) == 0:
+        report = dataset.report() if hasattr(dataset, "report") else "no rows"
+        raise TrainingSetupError(f"the dataset has no rows to train on: {report}. Check the data, and "
+                                 "max_seq_length: rows with no answer token left after truncation are dropped")
+    check_writable(config.output_dir)
 
 
 def _clip(model, max_norm: float) -> torch.Tensor | None:

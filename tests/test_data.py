@@ -97,17 +97,50 @@ def test_alpaca_schema_with_and_without_input():
 ])
 def test_bad_rows_name_the_row_and_the_problem(row, expected):
     with pytest.raises(DatasetFormatError) as info:
-        data.to_messages(row, index=17)
+        data.to_messages(row, "row 17")
     for text in expected:
         assert text in str(info.value)
     assert isinstance(info.value, ValueError)
 
 
-def test_prepare_dataset_reports_the_index_of_a_bad_row(tokenizer):
+def test_prepare_dataset_names_a_bad_row_counting_from_one(tokenizer):
     rows = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}] * 3
     rows.append({"prompt": "Q", "completion": "A"})
-    with pytest.raises(DatasetFormatError, match=r"row 3: .*found: prompt, completion"):
+    with pytest.raises(DatasetFormatError, match=r"row 4: .*found: prompt, completion.*skip_bad_rows=True"):
         data.prepare_dataset(rows, tokenizer)
+
+
+def test_jsonl_errors_name_the_file_line_and_rows_count_from_one(tokenizer, tmp_path):
+    good = json.dumps(_row("Hi", "Hello"))
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{good}\n\n{good}\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"^line 4: turn 0 has unknown role 'bot'"):
+        data.prepare_dataset(path, tokenizer)  # line 2 is blank: the 3rd row is on line 4
+    rows = [_row("Hi", "Hello"), {"messages": [{"role": "bot", "content": "x"}]}]
+    with pytest.raises(DatasetFormatError, match=r"^row 2: turn 0 has unknown role"):
+        data.prepare_dataset(rows, tokenizer)
+
+
+def test_skip_bad_rows_skips_and_counts_them_by_reason(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps(_row("Hi", "Hello")), "{oops", json.dumps({"messages": [{"role": "bot", "content": "x"}]}),
+             json.dumps({"instruction": "Q", "output": ""}), "[1, 2", json.dumps(_row("Bye", "Goodbye"))]
+    path.write_text("\n".join(lines) + "\n")
+    prepared = data.prepare_dataset(path, tokenizer, skip_bad_rows=True)
+    assert prepared.rows == 2
+    assert prepared.rows_skipped == {"not valid JSON": 2, "unknown role": 1, "empty answer": 1}
+    assert prepared.rows_dropped == 4
+    report = prepared.report()
+    assert "4 dropped" in report and "2 skipped: not valid JSON" in report and "1 skipped: unknown role" in report
+    assert "first skipped: " in report and "line 2: not valid JSON" in report
+    train, held_out = data.split_train_eval(prepared, eval_fraction=0.5)
+    assert train.rows_skipped == prepared.rows_skipped and held_out.rows_skipped == {}
+
+
+@pytest.mark.parametrize("length", [0, 1, -5, 2.5])
+def test_max_seq_length_below_two_tokens_is_refused(tokenizer, length):
+    with pytest.raises(ValueError, match=f"max_seq_length={length!r}"):
+        data.prepare_dataset("bundled", tokenizer, max_seq_length=length)
 
 
 # ------------------------------------------------------------------ chat rendering
@@ -203,7 +236,7 @@ def test_bundled_dataset_loads_and_every_row_converts(tokenizer, bundled_rows):
     assert len(bundled_rows) > 300
     assert data.bundled_dataset_path().stat().st_size < 200_000
     for index, row in enumerate(bundled_rows):
-        messages = data.to_messages(row, index)
+        messages = data.to_messages(row, f"row {index + 1}")
         assert all(isinstance(m["content"], str) for m in messages)  # the tiny BPE trains on strings
     prepared = data.prepare_dataset("bundled", tokenizer, max_seq_length=512)
     assert prepared.rows == len(bundled_rows) and prepared.rows_dropped == prepared.rows_truncated == 0

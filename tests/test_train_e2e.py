@@ -100,7 +100,7 @@ def test_saving_over_an_adapter_keeps_the_old_one(tmp_path):
             if "lora_B" in name:
                 param.fill_(0.5)
     gemmatune.save_adapter(model, tokenizer, tmp_path / "adapter")
-    previous = load_file(tmp_path / "adapter.previous" / "adapter_model.safetensors")
+    previous = load_file(tmp_path / "adapter.previous-1" / "adapter_model.safetensors")
     latest = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert previous.keys() == before.keys()
     assert all(torch.equal(previous[k], before[k]) for k in before)
