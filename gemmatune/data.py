@@ -29,7 +29,7 @@ from itertools import groupby
 from pathlib import Path
 
 from gemmatune.errors import DatasetDownloadError, DatasetFormatError  # noqa: F401 (re-exported)
-from gemmatune.media import MAX_AUDIO_SECONDS
+from gemmatune.media import MAX_AUDIO_SECONDS, ImageRef
 from gemmatune.multimodal_data import (attach_row_media, check_no_media_tokens_in_text, collate_media,
                                        content_pieces, has_media, keep_media_encoded, media_run, media_settings,
                                        media_token_ids, plan_media)
@@ -183,8 +183,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
                           train_on_inputs: bool = False, segment_cache: dict | None = None,
                           media_runs: list[list[int]] | None = None, media_ids: dict | None = None,
                           where: str = "row") -> dict:
-    """dict(input_ids, labels, truncated, media_kept, cuts_media) for one conversation, cut to
-    max_seq_length tokens.
+    """dict(input_ids, labels, truncated, length, media_kept, cuts_media) for one conversation, cut
+    to max_seq_length tokens (`length`: before the cut).
 
     Why segment by segment (header, content, `<turn|>`, "\\n"): the label mask then falls exactly on
     token boundaries, and an answer's tokens start fresh after `<|turn>model\\n` as in generation
@@ -279,7 +279,7 @@ class PreparedDataset:
     def media_counts(self) -> tuple[int, int]:
         """(images, audio clips) in the kept rows."""
         refs = [ref for ex in self.examples for ref in ex.get("media", ())]
-        images = sum(type(ref).__name__ == "ImageRef" for ref in refs)
+        images = sum(isinstance(ref, ImageRef) for ref in refs)
         return images, len(refs) - images
 
     def report(self) -> str:
