@@ -9,11 +9,13 @@ The trainer never branches on where it runs (style habit 11). `Dashboard` keeps 
 hands them to one view: `_WidgetView` (ipywidgets + matplotlib; "auto" picks it inside a Jupyter
 kernel), `_TextView` (throttled lines) or `_NullView` ("off"). A view that raises is swapped for
 the text view, so display problems never reach the training loop. GEMMATUNE_DASHBOARD=widget|text|off
-overrides `mode`. With several processes (torchrun) rank 0 draws it and `ranks` carries every
-rank's (tokens, GiB) of the step: the views add each rank's tokens/s and memory (peak GPU memory
-allocated, or RSS on a CPU); the other ranks get `silent_dashboard`. At close the widget is replaced in place (its display handle) by a static HTML
+overrides `mode`. At close the widget is replaced in place (its display handle) by a static HTML
 summary and a PNG of the final figure: an .ipynb keeps those, not widget state, so a notebook run
 headless and saved still shows the loss curve.
+
+With several processes (torchrun) rank 0 draws it and `ranks` carries every rank's (tokens, GiB)
+of the step: the views add each rank's tokens/s and memory (peak GPU memory allocated, or RSS on
+a CPU). The other ranks get `silent_dashboard`.
 """
 from __future__ import annotations
 

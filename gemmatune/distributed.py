@@ -147,6 +147,9 @@ class Ranks:
         self.prefix = f"gemmatune/train-{next(_RUN_IDS)}/"
         self.stopped = False
         self._next_check = 0.0
+        # each rank's (tokens, GiB) travel to the GPU from pinned memory: a copy from pageable
+        # memory would make the CPU wait for the backward before it can queue the all-reduce
+        self._stats = torch.zeros(2 * self.world, dtype=torch.float32, pin_memory=device.type == "cuda")
         self._previous_sigterm = _install_sigterm_handler()
 
     def describe(self) -> str:
@@ -176,11 +179,12 @@ class Ranks:
         Returns that tail on the device; read it with `read_totals` after the optimizer step,
         so the GPU does not wait for the CPU in between."""
         params = list(params)
-        stats = torch.zeros(2 * self.world, dtype=torch.float32)
-        stats[2 * self.rank:2 * self.rank + 2] = torch.tensor([float(local_tokens), _memory_gib(loss_sum.device)])
+        self._stats.zero_()  # the last step's copy from it is done: read_totals waited for the GPU
+        self._stats[2 * self.rank] = float(local_tokens)
+        self._stats[2 * self.rank + 1] = _memory_gib(loss_sum.device)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1).float() for g in grads]
-                         + [loss_sum.detach().reshape(1).float(), stats.to(loss_sum.device)])
+        stats = self._stats.to(loss_sum.device, non_blocking=True)
+        flat = torch.cat([g.reshape(-1).float() for g in grads] + [loss_sum.detach().reshape(1).float(), stats])
         flat = flat.to(self.comm_device)
         self._wait(dist.all_reduce(flat, async_op=True), "summing the gradients")
         flat = flat.to(params[0].device) if params else flat
