@@ -267,6 +267,30 @@ def test_sigterm_on_one_rank_interrupts_all_and_the_adapter_is_saved(two_ranks):
                         rtol=0, atol=0)
 
 
+def test_rank_0s_dashboard_shows_every_ranks_throughput_and_memory(monkeypatch):
+    import io
+
+    from gemmatune import dashboard
+    from tests.test_dashboard import FakeClock, widget_dashboard
+
+    monkeypatch.delenv("GEMMATUNE_DASHBOARD", raising=False)
+    line = "0: 400 tok/s 3.4 GiB · 1: 200 tok/s 3.0 GiB"
+    clock, out = FakeClock(), io.StringIO()
+    text = dashboard.make_dashboard(4, mode="text", clock=clock, stream=out)
+    widget, _, _ = widget_dashboard(clock, total=4)
+    for step in range(1, 5):  # 0.5 s a step; rank 1 had half of rank 0's tokens
+        clock.t += 0.5
+        for dash in (text, widget):
+            dash.update(step, 2.0, 1e-4, 300, ranks=[(200, 3.4), (100, 3.0)])
+    assert text.rank_rates() == [(400.0, 3.4), (200.0, 3.0)]
+    assert out.getvalue().splitlines()[-1].endswith("ranks " + line)
+    assert "2 processes" in widget.view.cards.value and "1: 200 tok/s 3.0 GiB" in widget.view.cards.value
+    assert ("per rank", line) in text.close().rows()
+    monkeypatch.setenv("GEMMATUNE_DASHBOARD", "text")  # the other ranks show nothing, whatever it says
+    silent = dashboard.silent_dashboard(4)
+    assert isinstance(silent.view, dashboard._NullView)
+
+
 # ------------------------------------------------------------------ the command line under the launchers
 LAUNCHERS = {  # what the README shows; `python -m` runs the launchers of this venv
     "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -294,3 +318,65 @@ def test_the_command_line_runs_unchanged_under_a_launcher(launcher, tiny_dir, tm
     assert "ranks 0: " in out and " · 1: " in out  # the text dashboard shows both ranks
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "checkpoint-1" / "trainer_state.json").is_file()
+
+
+# ------------------------------------------------------------------ on a GPU: graphed micro-steps
+def _graphed_rank_main(rank: int, port: int, folder: str) -> None:
+    """One of two ranks sharing one GPU through gloo (NCCL refuses two ranks on one GPU): the
+    micro-steps are replayed as CUDA graphs and the gradients are all-reduced outside them."""
+    import torch.distributed as dist
+
+    from gemmatune import graphs
+
+    replays = []
+    replay = graphs.MicroStep._replay
+
+    def counted_replay(self, *args, **kwargs):
+        replays.append(1)
+        return replay(self, *args, **kwargs)
+
+    graphs.MicroStep._replay = counted_replay  # this child process only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    record = {}
+    try:
+        model, tokenizer = lora_model(device="cuda")
+        hook = record_gradients(record.setdefault("gradients", []))
+        result = gemmatune.train(model, tiny_dataset(tokenizer), tokenizer, output_dir=str(Path(folder) / f"{rank}"),
+                                 **{**TRAIN, "pad_to_multiple_of": 64, "save_every": 0})
+        hook.remove()
+        record.update(status=result.status, losses=result.losses, weights=adapter_weights(model), replays=len(replays))
+    except BaseException as error:
+        record["error"] = f"{type(error).__name__}: {error}"
+    torch.save({k: v for k, v in record.items()}, Path(folder) / f"rank{rank}.pt")
+    os._exit(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_two_ranks_with_cuda_graphs_equal_one_process(tiny_dir, tmp_path):
+    from tests.test_traps import assert_rel_close
+
+    port = free_port()
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_graphed_rank_main, args=(rank, port, str(tmp_path))) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(LAUNCH_TIMEOUT_S)
+    assert not any(process.is_alive() for process in processes), "a rank hung"
+    records = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    model, tokenizer = lora_model(device="cuda")
+    reference_gradients = []
+    hook = record_gradients(reference_gradients)
+    reference = gemmatune.train(model, tiny_dataset(tokenizer), tokenizer, output_dir=str(tmp_path / "one"),
+                                **{**TRAIN, "batch_size": 4, "pad_to_multiple_of": 64, "save_every": 0})
+    hook.remove()
+    for record in records:
+        assert record.get("status") == "done", record.get("error")
+        assert record["replays"] > 0  # the micro-steps ran as CUDA graphs
+        assert record["losses"] == pytest.approx(reference.losses, rel=1e-5)
+        for i, (actual, expected) in enumerate(zip(record["gradients"][0], reference_gradients[0])):
+            assert_rel_close(actual.cpu(), expected.cpu(), 1e-4, f"gradient {i} of step 1")
+        for step, (actual, expected) in enumerate(zip(record["gradients"], reference_gradients), 1):
+            assert relative_distance([a.cpu() for a in actual], [e.cpu() for e in expected]) < 1e-4, f"step {step}"
+    assert_same_weights(records[1]["weights"], records[0]["weights"], rtol=0, atol=0)
