@@ -90,9 +90,23 @@ def join(device: torch.device, timeout_s: float):
     owned = not dist.is_initialized()
     if owned:
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            device = _check_own_gpu(device)
         # a longer timeout than ours: our deadline must fire first, so that rank 0 still saves
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + 60))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s + 60),
+                                device_id=device if backend == "nccl" else None)
     return Ranks(device, timeout_s, owned)
+
+
+def _check_own_gpu(device: torch.device) -> torch.device:
+    """NCCL needs one GPU per rank: the model must be on this rank's GPU, cuda:LOCAL_RANK."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    local = int(os.environ.get("LOCAL_RANK", index))
+    if index != local:
+        raise TrainingSetupError(f"rank {rank()}: the model is on cuda:{index}, but this process's GPU is "
+                                 f"cuda:{local} (LOCAL_RANK={local}): load it with gemmatune.load_model(...) without "
+                                 f"device=, which picks cuda:LOCAL_RANK, or with device='cuda:{local}'")
+    return torch.device("cuda", index)
 
 
 # ------------------------------------------------------------------ one process: nothing to exchange
