@@ -24,7 +24,8 @@ When a rank fails or is interrupted, the others must not wait forever for its ne
 that stops says so in the process group's key-value store (the TCPStore torchrun provides),
 and every wait for a collective is a short polling loop that also reads that key: the other
 ranks stop within a fraction of a second, rank 0 saves the adapter, and the stopped rank waits
-for that save before it exits (torchrun kills the remaining ranks once one has exited).
+for that save before it exits (torchrun kills the remaining ranks once one has exited); rank 0
+in turn keeps the store (it hosts it without torchrun) until the others have read the news.
 A rank that dies without a word (killed, segfault) is noticed by gloo at once (the connection
 closes); with NCCL, torchrun's SIGTERM to the others is turned into an interrupt here, so rank 0
 still saves. A deadline (`rank_timeout_s`) bounds every wait.
@@ -42,6 +43,7 @@ import torch.distributed as dist
 from gemmatune.errors import GemmatuneError, TrainingSetupError
 
 STORE_CHECK_S = 0.2  # how often a waiting rank reads the store for a stopped rank
+LEAVE_WAIT_S = 30.0  # after a stop, how long rank 0 keeps the store up for the others to read it
 _RUN_IDS = itertools.count()  # one key namespace per train() call (every rank calls train() alike)
 
 
@@ -160,6 +162,7 @@ class Ranks:
         self.store = _default_store()
         self.prefix = f"gemmatune/train-{next(_RUN_IDS)}/"
         self.stopped = False
+        self.connection_lost = False  # a collective failed: a rank's process has probably ended
         self._next_check = 0.0
         # each rank's (tokens, GiB) travel to the GPU from pinned memory: a copy from pageable
         # memory would make the CPU wait for the backward before it can queue the all-reduce
@@ -173,7 +176,7 @@ class Ranks:
     def broadcast_from_main(self, params) -> None:
         """Every rank starts from rank 0's trainable weights (as DDP does at construction)."""
         params = list(params)
-        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(self.comm_device)
         self._wait(dist.broadcast(flat, src=0, async_op=True), "broadcasting rank 0's weights")
         self._wait_for_device(flat)
         with torch.no_grad():
@@ -227,6 +230,7 @@ class Ranks:
         try:
             work.wait()
         except Exception as error:  # gloo: a rank's process is gone ("Connection closed by peer")
+            self.connection_lost = True
             self._raise_if_a_rank_stopped()
             raise RankStopped(f"rank {self.rank}: {what} failed ({str(error)[:300]}); another rank probably "
                               "crashed: see its output") from error
@@ -289,11 +293,29 @@ class Ranks:
 
     def close(self) -> None:
         _restore_sigterm_handler(self._previous_sigterm)
+        self._store_call("set", f"{self.prefix}left/{self.rank}", "1")
+        if self.is_main and self.stopped and not self.connection_lost:
+            self._wait_for_the_others_to_leave()
         if self.owned and dist.is_initialized():
-            if self.stopped:  # a collective may still be pending: do not wait for it
-                dist.distributed_c10d._abort_process_group()
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # torch >= 2.6
+            if self.stopped and abort is not None:  # a collective may still be pending: do not wait for it
+                abort()
             else:
                 dist.destroy_process_group()
+
+    def _wait_for_the_others_to_leave(self) -> None:
+        """Without torchrun the store lives in rank 0's process: after a stop, keep it up until the
+        other ranks have read why (within a step or so), so they report it rather than a lost
+        connection. Bounded: a rank that died leaves no key."""
+        keys = [f"{self.prefix}left/{r}" for r in range(self.world)]
+        deadline = time.monotonic() + min(LEAVE_WAIT_S, self.timeout_s)
+        while time.monotonic() < deadline:
+            try:
+                if self.store is None or self.store.check(keys):
+                    return
+            except Exception:
+                return
+            time.sleep(0.02)
 
     def _store_get(self, key: str) -> str | None:
         try:
