@@ -197,6 +197,26 @@ def assert_same_weights(actual: dict, expected: dict, **tolerance) -> None:
 
 
 # ------------------------------------------------------------------ the tests
+def test_each_rank_collates_its_own_part_of_every_micro_batch_one_process_would_use():
+    from gemmatune.trainer import TrainConfig, micro_batches
+
+    rows = [{"input_ids": [100 + i] * (1 + i % 3), "labels": [100 + i] * (1 + i % 3)} for i in range(9)]
+    config = TrainConfig(batch_size=2, pad_to_multiple_of=1)
+
+    def first_tokens(batch):
+        return [] if batch is None else batch["input_ids"][:, 0].tolist()
+
+    one = micro_batches(rows, TrainConfig(batch_size=4, pad_to_multiple_of=1), 0, epoch_seed=7)
+    ranks = [micro_batches(rows, config, 0, epoch_seed=7, rank=r, world=2) for r in (0, 1)]
+    seen = []
+    for _ in range(6):  # two epochs of 9 rows: micro-batches of 4, 4 and 1 (rank 1 has none of the last)
+        parts = [first_tokens(next(batches)) for batches in ranks]
+        assert parts[0] + parts[1] == first_tokens(next(one)) and len(parts[0]) <= 2 and len(parts[1]) <= 2
+        seen += parts[0] + parts[1]
+    assert sorted(seen[:9]) == sorted(seen[9:]) == [100 + i for i in range(9)]  # every row once an epoch
+    assert seen[:9] != seen[9:]  # and each epoch reshuffled
+
+
 def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, one_process):
     records, initial = two_ranks[0], adapter_weights(lora_model()[0])
     reference, reference_gradients, reference_weights = one_process
