@@ -8,11 +8,12 @@ table, trains its share of every step's rows, and the ranks exchange only the Lo
 processes or moves bytes itself: torchrun/accelerate start the ranks and set RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; torch.distributed does every exchange.
 
-Why not `DistributedDataParallel(model)`: its gradient hooks run Python bookkeeping (buckets,
-"which parameters are ready") inside the backward. The training micro-step is replayed as a
-CUDA graph (gemmatune/graphs.py), and a replay runs none of that Python, so the hooks would fire
-during capture only. What DDP does for us is two collectives, and this module issues exactly
-those, outside the graph: broadcast rank 0's trainable weights once at the start, then after
+Why not `DistributedDataParallel(model)`: its autograd hooks do CPU-side bookkeeping during the
+backward (which parameters are ready, which bucket to launch, `no_sync()` for accumulation). The
+training micro-step is replayed as a CUDA graph (gemmatune/graphs.py), and a replay runs no CPU
+code at all, so the hooks would fire during the capture only; the model is also never called
+through DDP's forward (the loss calls the decoder directly, gemmatune/loss.py). What DDP does for
+us is two collectives, and this module issues exactly those, outside the graph: broadcast rank 0's trainable weights once at the start, then after
 the last micro-step of every optimizer step one all-reduce of all LoRA gradients, copied into a
 single flat buffer (one collective, not ~400). DDP averages the gradients because each rank's
 loss is a mean over its own rows; here each rank's loss is already divided by the label-token
