@@ -2,10 +2,13 @@
 
     python -m gemmatune notebook notebooks/Gemma4_E2B_Text.ipynb   # -> runs/Gemma4_E2B_Text.executed.ipynb
     python -m gemmatune train --model google/gemma-4-E2B-it --data mlabonne/FineTome-100k --steps 60
+    torchrun --nproc-per-node 2 -m gemmatune train ...      # the same on 2 GPUs (README: "Several GPUs")
 
 Notebook parameters can be changed through the environment, e.g. GEMMATUNE_MAX_STEPS=20.
 """
 import argparse
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
@@ -53,29 +56,37 @@ DEFAULT_MODEL, DEFAULT_DATA = "google/gemma-4-E2B-it", "mlabonne/FineTome-100k"
 
 
 def run_training(args) -> int:
-    """The notebook's flow as a script, with the text dashboard."""
+    """The notebook's flow as a script, with the text dashboard. Under torchrun every rank runs it;
+    rank 0 alone prints (see gemmatune/distributed.py)."""
     import gemmatune
+    from gemmatune.distributed import is_main_process
 
-    model_id, data = gemmatune.choose_model_and_data(
-        args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA, force_tiny=args.force_tiny,
-        keep_model=args.model is not None, keep_data=args.data is not None)
+    say = print if is_main_process() else (lambda *args: None)
+    if not is_main_process():  # the other ranks' output would repeat rank 0's, line for line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    with contextlib.redirect_stdout(sys.stdout if is_main_process() else io.StringIO()):
+        model_id, data = gemmatune.choose_model_and_data(
+            args.model or DEFAULT_MODEL, args.data or DEFAULT_DATA, force_tiny=args.force_tiny,
+            keep_model=args.model is not None, keep_data=args.data is not None)
     if data.endswith((".json", ".jsonl")) and not Path(data).is_file():  # before minutes of loading
         raise FileNotFoundError(f"--data {data}: no such file (relative paths start from {Path.cwd()})")
     lr = args.learning_rate or (TINY_LEARNING_RATE if model_id == gemmatune.TINY_MODEL_ID else 2e-4)
     model, tokenizer = gemmatune.load_model(model_id, max_seq_length=args.max_seq_length)
     model = gemmatune.add_lora(model, r=args.lora_rank)
-    print(gemmatune.trainable_parameters(model))
+    say(gemmatune.trainable_parameters(model))
     rows = data if data == "bundled" or Path(data).is_file() else gemmatune.load_hub_dataset(
         data, split=f"train[:{args.rows}]")
     dataset = gemmatune.prepare_dataset(rows, tokenizer, max_seq_length=args.max_seq_length,
                                         skip_bad_rows=args.skip_bad_rows)
-    print(dataset.report())
+    say(dataset.report())
     result = gemmatune.train(model, dataset, tokenizer, max_steps=args.steps, learning_rate=lr,
                              batch_size=args.batch_size, grad_accum=args.grad_accum,
                              output_dir=args.output_dir, dashboard="text", resume_from=args.resume_from,
                              save_every=args.save_every)
-    print(f"{result.status}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; adapter in {result.adapter_dir}"
-          if result.losses else f"{result.status}: no step finished")
+    say(f"{result.status}: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; adapter in {result.adapter_dir}"
+        if result.losses else f"{result.status}: no step finished")
     return 0 if result.status == "done" else 1
 
 

@@ -1,7 +1,7 @@
 """Live training dashboard: a widget in Jupyter, progress lines elsewhere, nothing when off.
 
     dash = make_dashboard(total_steps, title="gemmatune", mode="auto")  # auto|widget|text|off
-    dash.update(step, loss, lr, tokens, grad_norm=None)  # once per optimizer step
+    dash.update(step, loss, lr, tokens, grad_norm=None, ranks=None)  # once per optimizer step
     dash.note("checkpoint saved to ...")
     summary = dash.close("done")                          # done|interrupted|failed -> TrainingSummary
 
@@ -12,6 +12,10 @@ the text view, so display problems never reach the training loop. GEMMATUNE_DASH
 overrides `mode`. At close the widget is replaced in place (its display handle) by a static HTML
 summary and a PNG of the final figure: an .ipynb keeps those, not widget state, so a notebook run
 headless and saved still shows the loss curve.
+
+With several processes (torchrun) rank 0 draws it and `ranks` carries every rank's (tokens, GiB)
+of the step: the views add each rank's tokens/s and memory (peak GPU memory allocated, or RSS on
+a CPU). The other ranks get `silent_dashboard`.
 """
 from __future__ import annotations
 
@@ -104,6 +108,7 @@ class TrainingSummary:
     peak_vram_allocated_gib: float | None
     peak_vram_reserved_gib: float | None
     status: str
+    per_rank: list | None = None  # several processes: [(tokens/s, GiB)] of each rank
 
     def rows(self) -> list[tuple[str, str]]:
         vram = "n/a (no CUDA)" if self.peak_vram_allocated_gib is None else (
@@ -112,7 +117,7 @@ class TrainingSummary:
                 ("wall time", _hms(self.wall_time_s)),
                 ("tokens trained", f"{self.tokens_trained:,} ({self.tokens_per_s:,.0f} tok/s)"),
                 ("loss first → last", f"{_f(self.first_loss, '.4f')} → {_f(self.last_loss, '.4f')}"),
-                ("peak VRAM", vram)]
+                ("peak VRAM", vram)] + ([("per rank", rank_summary(self.per_rank))] if self.per_rank else [])
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -132,6 +137,8 @@ class Dashboard:
         self.history: list[tuple[int, float, float]] = []  # (step, loss, smoothed loss)
         self.notes: list[str] = []
         self._recent: deque = deque(maxlen=window + 1)  # (time, step, tokens) of the last steps
+        self._rank_tokens: deque = deque(maxlen=window)  # several processes: each rank's tokens, same steps
+        self.rank_memory: list[float] = []                # and each rank's GiB at the last step
         self._show("open")
 
     def elapsed(self) -> float:
@@ -142,13 +149,23 @@ class Dashboard:
         dt = r[-1][0] - r[0][0] if r else 0.0
         return sum(k for _, _, k in list(r)[1:]) / dt if dt > 0 else 0.0
 
+    def rank_rates(self) -> list[tuple[float, float]]:
+        """[(tokens/s, GiB)] of each rank over the same window as tokens_per_s (empty: one process)."""
+        r = self._recent
+        dt = r[-1][0] - r[0][0] if r else 0.0
+        if not self._rank_tokens or dt <= 0:
+            return [(0.0, gib) for gib in self.rank_memory]
+        totals = [sum(step[i] for step in self._rank_tokens) for i in range(len(self.rank_memory))]
+        return [(t / dt, gib) for t, gib in zip(totals, self.rank_memory)]
+
     def eta_s(self) -> float | None:
         r = self._recent
         if len(r) < 2 or r[-1][1] <= r[0][1]:
             return None
         return (r[-1][0] - r[0][0]) / (r[-1][1] - r[0][1]) * max(self.total_steps - self.steps, 0)
 
-    def update(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None = None) -> None:
+    def update(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None = None,
+               ranks: list | None = None) -> None:
         if self.summary is not None:
             return
         try:
@@ -162,6 +179,9 @@ class Dashboard:
                 self.ema = ema_update(self.ema, loss, self.smoothing)
             self.history.append((step, loss, math.nan if self.ema is None else self.ema))
             self._recent.append((self.clock(), step, tokens))
+            if ranks:
+                self._rank_tokens.append([int(t) for t, _ in ranks])
+                self.rank_memory = [float(gib) for _, gib in ranks]
         except Exception as e:  # a bad value costs one point on the dashboard, not the run
             return print(f"[{self.title}] dashboard: bad update() values ({e!r})", file=sys.stderr)
         self._show("step", self.steps >= self.total_steps)
@@ -175,7 +195,8 @@ class Dashboard:
             wall, mem, self.status = self.elapsed(), gpu_memory_stats(), status
             self.summary = TrainingSummary(
                 self.steps, self.total_steps, wall, self.tokens, self.tokens / wall if wall > 0 else 0.0,
-                self.first_loss, self.last_loss, mem.peak_allocated_gib, mem.peak_reserved_gib, status)
+                self.first_loss, self.last_loss, mem.peak_allocated_gib, mem.peak_reserved_gib, status,
+                self.rank_rates() or None)
             self._show("close", self.summary)
         return self.summary
 
@@ -218,6 +239,11 @@ class _TextView:
             self._print(progress_line(d))
 
 
+def rank_summary(rates: list[tuple[float, float]]) -> str:
+    """`0: 5,120 tok/s 3.1 GiB · 1: 5,090 tok/s 3.0 GiB` (memory: peak GPU allocated, or RSS)."""
+    return " · ".join(f"{i}: {tps:,.0f} tok/s {_gib(gib)}" for i, (tps, gib) in enumerate(rates))
+
+
 def progress_line(d: Dashboard) -> str:
     """`step 12/60 | loss 2.314 (avg 2.401) | lr 1.8e-04 | 1,234 tok/s | VRAM 3.1 GiB (peak 4.0/8) | ETA 0:42`"""
     m = gpu_memory_stats()
@@ -225,7 +251,8 @@ def progress_line(d: Dashboard) -> str:
            else "" if m.rss_gib is None else f"RSS {_gib(m.rss_gib)}")
     parts = [f"step {d.steps}/{d.total_steps}", f"loss {_f(d.last_loss, '.3f')} (avg {_f(d.ema, '.3f')})",
              f"lr {_f(d.lr, '.1e')}", f"{d.tokens_per_s():,.0f} tok/s",
-             "" if d.grad_norm is None else f"grad {d.grad_norm:.2f}", mem, f"ETA {_hms(d.eta_s())}"]
+             "" if d.grad_norm is None else f"grad {d.grad_norm:.2f}", mem, f"ETA {_hms(d.eta_s())}",
+             f"ranks {rank_summary(d.rank_rates())}" if d.rank_memory else ""]
     return " | ".join(p for p in parts if p)
 
 
@@ -322,6 +349,9 @@ class _WidgetView:
                  _tile("learning rate", _f(d.lr, ".2e")),
                  _tile("tokens / s", f"{d.tokens_per_s():,.0f}", f"{d.tokens:,} total"),
                  _tile("grad norm", _f(d.grad_norm, ".3f")), mem]
+        if d.rank_memory:  # several processes: one line per rank
+            tiles.append(_tile("ranks", f"{len(d.rank_memory)} processes", "<br>".join(
+                html.escape(line) for line in rank_summary(d.rank_rates()).split(" · "))))
         self.cards.value = (f'<div style="{FONT};display:grid;grid-template-columns:1fr 1fr;gap:6px">'
                             + "".join(tiles) + "</div>")
 
@@ -396,6 +426,11 @@ class _WidgetView:
 def _in_kernel() -> bool:
     ip = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None  # no IPython: no kernel
     return ip is not None and (getattr(ip, "kernel", None) is not None or type(ip).__name__ == "ZMQInteractiveShell")
+
+
+def silent_dashboard(total_steps: int, title: str = "gemmatune") -> Dashboard:
+    """A dashboard that shows nothing whatever GEMMATUNE_DASHBOARD says: the ranks other than 0."""
+    return Dashboard(total_steps, title, _NullView())
 
 
 def make_dashboard(total_steps: int, title: str = "gemmatune", mode: str = "auto", *, clock=time.monotonic,

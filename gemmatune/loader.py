@@ -14,7 +14,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
-from gemmatune import ple
+from gemmatune import distributed, ple
 from gemmatune.errors import ModelLoadError
 from gemmatune.memory import check_fits
 from gemmatune.patching import patch_model
@@ -113,9 +113,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """The given device, else this process's GPU (cuda:LOCAL_RANK under torchrun), else the CPU."""
     if device is not None:
         return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return distributed.local_device()
 
 
 def pick_dtype(dtype, device: torch.device) -> tuple[torch.dtype, str]:
@@ -173,12 +174,12 @@ def load_model(
     model.gemmatune_use_kernels = use_kernels
     patched = patch_model(model, use_kernels=use_kernels)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
-    if verbose:
+    if verbose and distributed.is_main_process():  # under torchrun: once, not once per GPU
         print(describe_model(model, compute_dtype, why_dtype, load_in_4bit))
         print("  kernels: " + ("; ".join(patched) if patched else "off (PyTorch reference code)"))
     if target.type == "cuda" and load_in_4bit:
         warning = check_fits(model, max_seq_length, batch=1)
-        if warning:
+        if warning and distributed.is_main_process():
             print(f"gemmatune: WARNING: {warning}")
     return model, tokenizer
 
