@@ -8,6 +8,7 @@ and audio towers are never built, so they cost no memory.
 """
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,18 @@ LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model."}
 # directly) and the towers (small, and sensitive to 4-bit error).
 NOT_QUANTIZED = ["lm_head", "embed_tokens", "embed_tokens_per_layer", "vision_tower", "audio_tower",
                  "embed_vision", "embed_audio"]
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a loaded model came from (`model.gemmatune_source`). Saved adapters name `path` as
+    their base and use the checkpoint's own tensor names; the merge reads the towers and every
+    other tensor the fine-tune left alone from these files."""
+
+    model_id: str                # as the user passed it
+    path: str                    # hub id or folder the files come from (the tiny model: its folder)
+    language_model_only: bool    # Gemma4ForCausalLM built from a multimodal checkpoint (LANGUAGE_MODEL_KEYS)
+    hub_kwargs: dict = field(default_factory=dict)
 
 
 class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
@@ -169,6 +182,7 @@ def load_model(
         if isinstance(module, ple.HostEmbedding):
             ple.load_host_table(module, path, compute_dtype, **hub_kwargs)
     model.config.use_cache = False  # training default; chat() turns the cache on for generation
+    model.gemmatune_source = CheckpointSource(model_id, path, "key_mapping" in load_kwargs, dict(hub_kwargs))
     model.gemmatune_max_seq_length = max_seq_length
     model.gemmatune_use_kernels = use_kernels
     patched = patch_model(model, use_kernels=use_kernels)
