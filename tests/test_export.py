@@ -363,3 +363,23 @@ def test_a_wrong_merge_is_far_outside_the_tolerance(exported):
         merged.model.language_model.layers[1].mlp.down_proj.weight -= delta
     wrong = logits_of(merged, ["text"])["text"]
     assert (wrong - exported["results"]["text_4bit"]["text"]).abs().max() > 100 * TIGHT["atol"]
+
+
+def test_a_multimodal_4bit_model_keeps_its_towers_in_the_compute_dtype():
+    """Only the language model is 4-bit: a text-only merge takes the towers from the checkpoint, so a
+    multimodal fine-tune's towers must be those weights too (transformers 5.23 matches skip names from
+    the start of a module name: "vision_tower" alone let it quantise the towers)."""
+    model, _ = load_tiny(load_in_4bit=True, modalities=ALL)
+    quantised = [n for n, m in model.named_modules() if type(m).__name__ in ("Linear4bit", "NF4Linear4bit")]
+    assert quantised and all(n.startswith("model.language_model.") for n in quantised)
+
+
+def test_a_checkpoint_with_shared_layer_kv_loads_without_a_load_report(exported, capfd):
+    """The released checkpoints carry K/V for KV-shared layers; transformers ignores them, and so
+    must gemmatune's loader classes (they replaced that ignore list, and every load printed a table)."""
+    capfd.readouterr()
+    for modalities in (("text",), ALL):
+        gemmatune.load_model(str(exported["dir"] / "shared-kv-checkpoint"), modalities=modalities, dtype="float32",
+                             load_in_4bit=False, verbose=False)
+    captured = capfd.readouterr()
+    assert "UNEXPECTED" not in captured.out + captured.err and "LOAD REPORT" not in captured.out + captured.err
