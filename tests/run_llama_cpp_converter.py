@@ -1,0 +1,23 @@
+"""Run llama.cpp's own convert_hf_to_gguf.py on a folder (tests/test_gguf.py, where a llama.cpp source
+tree is at hand: GEMMATUNE_LLAMA_CPP_SRC).
+
+    python tests/run_llama_cpp_converter.py LLAMA_CPP_DIR MODEL_DIR --outtype q8_0 --outfile out.gguf
+
+The converter names a BPE pre-tokenizer by a hash of its output on a fixed text and refuses one it
+does not know, such as the tiny model's byte-level BPE (GPT-2's pre-tokenizer); it is told "gpt-2".
+It uses the llama.cpp tree's own gguf-py.
+"""
+import sys
+from pathlib import Path
+
+llama_cpp = Path(sys.argv.pop(1))
+sys.path.insert(0, str(llama_cpp))
+sys.path.insert(1, str(llama_cpp / "gguf-py"))
+import conversion.base as base  # noqa: E402
+import conversion.gemma as gemma  # noqa: E402
+
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+gemma.Gemma4Model.set_vocab = base.TextModel._set_vocab_gpt2
+import convert_hf_to_gguf  # noqa: E402
+
+convert_hf_to_gguf.main()
