@@ -50,7 +50,9 @@ def export_gguf(merged_dir, path, quantization: str = "q8_0", name: str | None =
                          f"{config.get('model_type')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), "gemma4")
+    # use_temp_file: each tensor goes to disk as it is added, so memory holds one tensor at a time
+    # (E2B's per-layer embedding table alone is 9.4 GB in float32)
+    writer = gguf.GGUFWriter(str(tmp), "gemma4", use_temp_file=True)
     writer.add_type("model")
     writer.add_name(name or merged_dir.name)
     write_hparams(writer, hparams)
@@ -145,21 +147,45 @@ def write_tensors(writer, merged_dir: Path, hp: dict, quantization: str, n_vocab
                 name = _text_name(key)
                 if name is None:
                     continue
-                data = f.get_tensor(key)
-                if "embed_tokens.weight" in name:  # rows past the tokenizer's tokens are dropped (Gemma3Model)
-                    data = data[:n_vocab]
                 new_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
                 if new_name is None:
                     raise ValueError(f"no GGUF name for {key!r}: not a Gemma 4 text tensor llama.cpp knows")
-                array = data.to(torch.float32).numpy() if data.dtype not in (torch.float16, torch.float32) \
-                    else data.numpy()
-                qtype = _tensor_type(new_name, array, quantization)
+                tensor = f.get_slice(key)
+                rows = tensor.get_shape()[0] if tensor.get_shape() else 1
+                if "embed_tokens.weight" in name:  # rows past the tokenizer's tokens are dropped (Gemma3Model)
+                    rows = min(rows, n_vocab)
+                qtype = _tensor_type(new_name, len(tensor.get_shape()), quantization)
                 try:
-                    raw = gguf.quants.quantize(array, qtype)
+                    raw = _encode(tensor, rows, qtype)
                 except gguf.QuantError:  # Q8_0 needs rows that are a multiple of 32: F16 then, as llama.cpp
                     qtype = gguf.GGMLQuantizationType.F16
-                    raw = gguf.quants.quantize(array, qtype)
+                    raw = _encode(tensor, rows, qtype)
                 writer.add_tensor(new_name, raw, raw_dtype=qtype)
+
+
+ROWS_PER_CHUNK = 4096
+
+
+def _encode(tensor_slice, rows: int, qtype) -> np.ndarray:
+    """The first `rows` rows of a safetensors tensor, as float32 then `qtype`, a chunk of rows at a
+    time (each row quantises on its own, so the bytes equal those of the whole tensor at once)."""
+    import gguf
+
+    shape = tensor_slice.get_shape()
+    if len(shape) <= 1:
+        return gguf.quants.quantize(_as_float32(tensor_slice[:]).reshape(shape or [1]), qtype)
+    out = None
+    for start in range(0, rows, ROWS_PER_CHUNK):
+        chunk = gguf.quants.quantize(_as_float32(tensor_slice[start:min(rows, start + ROWS_PER_CHUNK)]), qtype)
+        if out is None:
+            out = np.empty((rows, *chunk.shape[1:]), dtype=chunk.dtype)
+        out[start:start + len(chunk)] = chunk
+    return out
+
+
+def _as_float32(tensor: torch.Tensor) -> np.ndarray:
+    """float16 and float32 stay as they are; anything else (bfloat16) becomes float32, as in the converter."""
+    return (tensor if tensor.dtype in (torch.float16, torch.float32) else tensor.to(torch.float32)).numpy()
 
 
 def _text_name(key: str) -> str | None:
@@ -172,10 +198,10 @@ def _text_name(key: str) -> str | None:
     return name
 
 
-def _tensor_type(new_name: str, array: np.ndarray, quantization: str):
+def _tensor_type(new_name: str, n_dims: int, quantization: str):
     import gguf
 
-    if array.ndim <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight"):
+    if n_dims <= 1 or new_name.endswith("_norm.weight") or not new_name.endswith(".weight"):
         return gguf.GGMLQuantizationType.F32
     return gguf.GGMLQuantizationType.BF16 if quantization == "bf16" else gguf.GGMLQuantizationType.Q8_0
 

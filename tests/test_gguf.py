@@ -172,6 +172,16 @@ def test_q8_0_weights_are_within_one_step_of_each_block(merged):
     assert checked == 3 + 4 * 7 + 2 * 2  # 3 embeddings/projections; q, o, gate, up, down, inp_gate, proj; K/V twice
 
 
+def test_writing_a_few_rows_at_a_time_gives_the_same_file(merged, monkeypatch):
+    """The exporter quantises large tensors in chunks of rows (memory); 7 rows here, so every tiny
+    tensor is split, and the file must not change by a byte."""
+    import gemmatune.gguf_export as exporter
+
+    monkeypatch.setattr(exporter, "ROWS_PER_CHUNK", 7)
+    chunked = export_gguf(merged["dir"], merged["out"] / "chunked.gguf", quantization="q8_0")
+    assert chunked.read_bytes() == merged["files"]["q8_0"].read_bytes()
+
+
 def test_the_towers_are_left_out(merged):
     names = [t.name for t in reader(merged, "q8_0").tensors]
     assert not [n for n in names if n.startswith(("v.", "a.", "mm.")) or "vision" in n or "audio" in n]
