@@ -19,6 +19,7 @@ Q8_0 within its rounding); where llama-cpp-python is installed, llama.cpp's logi
 transformers' on the merged model.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def export_gguf(merged_dir, path, quantization: str = "q8_0", name: str | None =
     """Write the language model of a `merge_and_save` folder as one GGUF file; returns its path."""
     import gguf
 
+    from gemmatune.saving import _publish
+
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r}: pick one of {QUANTIZATIONS}")
     from transformers import AutoConfig
@@ -49,7 +52,7 @@ def export_gguf(merged_dir, path, quantization: str = "q8_0", name: str | None =
         raise ValueError(f"{merged_dir} is not a dense Gemma 4 (E2B/E4B) checkpoint: model_type "
                          f"{config.get('model_type')!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     # use_temp_file: each tensor goes to disk as it is added, so memory holds one tensor at a time
     # (E2B's per-layer embedding table alone is 9.4 GB in float32)
     writer = gguf.GGUFWriter(str(tmp), "gemma4", use_temp_file=True)
@@ -64,7 +67,9 @@ def export_gguf(merged_dir, path, quantization: str = "q8_0", name: str | None =
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(path)
+    kept = _publish(tmp, path)
+    if kept is not None:
+        print(f"gemmatune: {path} already existed; the earlier file is kept as {kept}")
     return path
 
 

@@ -182,6 +182,15 @@ def test_writing_a_few_rows_at_a_time_gives_the_same_file(merged, monkeypatch):
     assert chunked.read_bytes() == merged["files"]["q8_0"].read_bytes()
 
 
+def test_exporting_again_keeps_the_earlier_file(merged, tmp_path):
+    first = export_gguf(merged["dir"], tmp_path / "model.gguf", quantization="bf16")
+    before = first.read_bytes()
+    export_gguf(merged["dir"], tmp_path / "model.gguf", quantization="q8_0")
+    assert (tmp_path / "model.gguf.previous-1").read_bytes() == before
+    assert (tmp_path / "model.gguf").read_bytes() == merged["files"]["q8_0"].read_bytes()
+    assert not list(tmp_path.glob(".*partial*"))
+
+
 def test_the_towers_are_left_out(merged):
     names = [t.name for t in reader(merged, "q8_0").tensors]
     assert not [n for n in names if n.startswith(("v.", "a.", "mm.")) or "vision" in n or "audio" in n]
