@@ -238,8 +238,13 @@ def empty_cache() -> None:
 def versions() -> dict:
     import importlib.metadata as md
 
-    return {n: md.version(n) for n in ("torch", "triton", "transformers", "peft", "bitsandbytes")} | \
-        {"cuda": torch.version.cuda}
+    found = {}
+    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "safetensors"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found | {"cuda": torch.version.cuda}
 
 
 def main() -> None:
