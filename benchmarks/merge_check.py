@@ -15,7 +15,8 @@ Yardsticks in the JSON, per input: `merge_vs_adapter` (merged bf16 vs adapter-on
 `bf16_noise` (merged model in bf16 vs the same weights computed in float32: what bf16 arithmetic alone
 changes), `lora_effect` (adapter-on vs adapter off: what the adapter changes, so a merge that lost it
 shows). `pass` means merge_vs_adapter <= 2 x bf16_noise + 1e-4 (mean absolute logit difference), argmax agreement
->= 0.98 and lora_effect >= 5 x merge_vs_adapter. Writes benchmarks/results/<date>-h200-merge-check-<models>.json after each model.
+>= 0.98 and lora_effect >= 5 x merge_vs_adapter. Writes benchmarks/results/<date>-h200-merge-check-<models>.json
+after each model.
 """
 import argparse
 import datetime
@@ -185,7 +186,8 @@ def plain_check(work: Path) -> dict:
     from transformers import AutoModelForImageTextToText
 
     flat, reference = load_file(str(work / "inputs.safetensors")), load_file(str(work / "reference.safetensors"))
-    cases = {c: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(c + ".")} for c in ("text", "image", "audio")}
+    cases = {c: {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(c + ".")}
+             for c in ("text", "image", "audio")}
     merged = {}
     for dtype in (DTYPE, torch.float32):  # the same weights in bf16 and in float32 arithmetic
         model = AutoModelForImageTextToText.from_pretrained(str(work / "merged"), dtype=dtype,

@@ -53,8 +53,8 @@ def merge_and_save(model, path, tokenizer=None, dtype=torch.bfloat16, max_shard_
     replaced = replaced_weights(model)
     missing = sorted(set(replaced) - set(files))
     if missing:
-        raise CheckpointError(f"the model's weights {missing[:3]} are not in its checkpoint {source.path}: merge_and_save "
-                              "needs the model as gemmatune.load_model loaded it")
+        raise CheckpointError(f"the model's weights {missing[:3]} are not in its checkpoint {source.path}: "
+                              "merge_and_save needs the model as gemmatune.load_model loaded it")
     final = Path(path)
     tmp = _staging_dir(final)
     tmp.mkdir()
@@ -91,7 +91,8 @@ class Replacement:
             weight = checkpoint_tensor().to(device=base.weight.device, dtype=torch.float32)
         if self.lora is not None:
             lora_a, lora_b, scale = self.lora
-            weight = weight + scale * (lora_b.detach().float().to(weight.device) @ lora_a.detach().float().to(weight.device))
+            lora_a, lora_b = (t.detach().to(device=weight.device, dtype=torch.float32) for t in (lora_a, lora_b))
+            weight = weight + scale * (lora_b @ lora_a)
         return weight
 
 

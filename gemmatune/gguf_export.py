@@ -286,7 +286,8 @@ def _byte_level_vocab(writer, folder: Path) -> None:
             continue
         token = reverse[i]
         if token in added:
-            special = decoder[i].special or token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
+            looks_special = token in ("<pad>", "<mask>") or (token.startswith("<|") and token.endswith("|>"))
+            special = decoder[i].special or looks_special
             toktypes.append(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         else:
             toktypes.append(gguf.TokenType.NORMAL)

@@ -38,7 +38,8 @@ TIGHT = dict(rtol=0, atol=1e-4)
 # ------------------------------------------------------------------ inputs built by hand
 def text_batch() -> dict:
     gen = torch.Generator().manual_seed(1)
-    return {"input_ids": torch.cat([torch.tensor([[TOKEN["<bos>"]]]), torch.randint(20, 512, (1, 11), generator=gen)], 1)}
+    ids = torch.randint(20, 512, (1, 11), generator=gen)
+    return {"input_ids": torch.cat([torch.tensor([[TOKEN["<bos>"]]]), ids], 1)}
 
 
 def image_batch() -> dict:

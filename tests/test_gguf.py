@@ -108,7 +108,8 @@ def test_every_key_the_loader_reads_has_the_configs_value(merged):
         "gemma4.context_length": t.max_position_embeddings, "gemma4.embedding_length": t.hidden_size,
         "gemma4.attention.head_count": t.num_attention_heads, "gemma4.attention.head_count_kv": t.num_key_value_heads,
         "gemma4.attention.layer_norm_rms_epsilon": pytest.approx(t.rms_norm_eps),
-        "gemma4.attention.sliding_window": t.sliding_window, "gemma4.attention.shared_kv_layers": t.num_kv_shared_layers,
+        "gemma4.attention.sliding_window": t.sliding_window,
+        "gemma4.attention.shared_kv_layers": t.num_kv_shared_layers,
         "gemma4.attention.sliding_window_pattern": [k == "sliding_attention" for k in t.layer_types],
         "gemma4.attention.key_length_swa": t.head_dim, "gemma4.attention.value_length_swa": t.head_dim,
         "gemma4.attention.key_length": t.global_head_dim, "gemma4.attention.value_length": t.global_head_dim,
@@ -308,7 +309,7 @@ def assert_same_gguf(ours, theirs) -> None:
     skip = ("general.name", "general.size_label")
     keys = [k for k in ours.fields if not k.startswith("GGUF.") and k not in skip]
     assert sorted(keys) == sorted(k for k in theirs.fields if not k.startswith("GGUF.") and k not in skip)
-    assert all(field(ours, k) == field(theirs, k) for k in keys), [k for k in keys if field(ours, k) != field(theirs, k)]
+    assert [k for k in keys if field(ours, k) != field(theirs, k)] == []
     assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
     for a, b in zip(ours.tensors, theirs.tensors):
         assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
@@ -369,7 +370,8 @@ def test_a_gemma_style_tokenizer_is_written_as_llama_cpps_gemma4_tokenizer(gemma
     tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
     assert len(tokens) == 512 == len(field(r, "tokenizer.ggml.scores"))
     assert tokens[:3] == ["<pad>", "<eos>", "<bos>"] and types[:3] == [gguf.TokenType.CONTROL] * 3
-    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[tokens.index("<|turn>")] == gguf.TokenType.CONTROL
+    assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE
+    assert types[tokens.index("<|turn>")] == gguf.TokenType.CONTROL
     assert field(r, "tokenizer.ggml.merges") and field(r, "tokenizer.ggml.bos_token_id") == 2
 
 
