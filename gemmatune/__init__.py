@@ -22,6 +22,8 @@ _drop_bitsandbytes_cpu_kernel_notice()
 
 from gemmatune.chat import chat  # noqa: E402
 from gemmatune.data import load_hub_dataset, prepare_dataset, show_example  # noqa: E402
+from gemmatune.export import merge_and_save  # noqa: E402
+from gemmatune.gguf_export import export_gguf  # noqa: E402
 from gemmatune.loader import load_model  # noqa: E402
 from gemmatune.lora import add_lora, load_adapter, trainable_parameters  # noqa: E402
 from gemmatune.machine import choose_model_and_data  # noqa: E402
@@ -32,5 +34,5 @@ from gemmatune.trainer import TrainConfig, TrainResult, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "chat", "choose_model_and_data",
-           "load_adapter", "load_hub_dataset", "load_model", "predict_peak_gib", "prepare_dataset", "save_adapter",
-           "show_example", "train", "trainable_parameters"]
+           "export_gguf", "load_adapter", "load_hub_dataset", "load_model", "merge_and_save", "predict_peak_gib", "prepare_dataset",
+           "save_adapter", "show_example", "train", "trainable_parameters"]

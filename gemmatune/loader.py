@@ -8,6 +8,7 @@ and audio towers are never built, so they cost no memory.
 """
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,9 +24,24 @@ from gemmatune.tiny import TINY_MODEL_ID, tiny_model_dir
 LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model."}
 
 # Kept in the compute dtype: embeddings/LM head (a row lookup and the fused loss read them
-# directly) and the towers (small, and sensitive to 4-bit error).
+# directly) and the towers (small, and sensitive to 4-bit error). transformers 5.23 matches these
+# from the start of a module's full name or as its suffix (quantizers_utils.should_convert_module),
+# so the towers need their full prefix; the bare names stay for releases that match substrings.
 NOT_QUANTIZED = ["lm_head", "embed_tokens", "embed_tokens_per_layer", "vision_tower", "audio_tower",
-                 "embed_vision", "embed_audio"]
+                 "embed_vision", "embed_audio", "model.vision_tower", "model.audio_tower", "model.embed_vision",
+                 "model.embed_audio"]
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a loaded model came from (`model.gemmatune_source`). Saved adapters name `path` as
+    their base and use the checkpoint's own tensor names; the merge reads the towers and every
+    other tensor the fine-tune left alone from these files."""
+
+    model_id: str                # as the user passed it
+    path: str                    # hub id or folder the files come from (the tiny model: its folder)
+    language_model_only: bool    # Gemma4ForCausalLM built from a multimodal checkpoint (LANGUAGE_MODEL_KEYS)
+    hub_kwargs: dict = field(default_factory=dict)
 
 
 class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
@@ -37,8 +53,11 @@ class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
     def __init__(self, config):
         super().__init__(config)
         ple.use_host_embedding(self.model)
+        # added to what post_init collected from the text model (its KV-shared layers' K/V, which
+        # the released checkpoints carry): replacing it printed a load report on every load
         self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight",
-                                                   *type(self)._keys_to_ignore_on_load_unexpected}
+                                                   *type(self)._keys_to_ignore_on_load_unexpected,
+                                                   *(self._keys_to_ignore_on_load_unexpected or ())}
 
 
 class Gemma4ForConditionalGenerationHostPLE(hf_gemma4.Gemma4ForConditionalGeneration):
@@ -47,7 +66,8 @@ class Gemma4ForConditionalGenerationHostPLE(hf_gemma4.Gemma4ForConditionalGenera
     def __init__(self, config):
         super().__init__(config)
         ple.use_host_embedding(self.model.language_model)
-        self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight"}
+        self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight",
+                                                   *(self._keys_to_ignore_on_load_unexpected or ())}
 
 
 def resolve_model_id(model_id: str) -> str:
@@ -170,6 +190,7 @@ def load_model(
         if isinstance(module, ple.HostEmbedding):
             ple.load_host_table(module, path, compute_dtype, **hub_kwargs)
     model.config.use_cache = False  # training default; chat() turns the cache on for generation
+    model.gemmatune_source = CheckpointSource(model_id, path, "key_mapping" in load_kwargs, dict(hub_kwargs))
     model.gemmatune_max_seq_length = max_seq_length
     model.gemmatune_use_kernels = use_kernels
     patched = patch_model(model, use_kernels=use_kernels)

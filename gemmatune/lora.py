@@ -13,6 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from gemmatune.errors import CheckpointError
 from gemmatune.patching import patch_lora
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -88,9 +89,33 @@ def trainable_parameters(model: nn.Module) -> str:
 
 def load_adapter(model: nn.Module, path, trainable: bool = False) -> PeftModel:
     """Put a saved gemmatune/peft adapter on a freshly loaded base model, on the same kernels
-    as add_lora (so the reloaded model computes exactly what the trained one did)."""
+    as add_lora (so the reloaded model computes exactly what the trained one did).
+
+    Reads both layouts gemmatune has written: the checkpoint's own names (`model.language_model.`,
+    see adapter_layout) and the text-only names of older saves, onto a text-only or a multimodal
+    model. Every adapter tensor must find its module: anything missing or left over is an error."""
+    from peft import set_peft_model_state_dict
+
+    from gemmatune import adapter_layout as layout
+    from gemmatune.saving import read_adapter
+
+    saved_config, tensors = read_adapter(path, model)
+    config = LoraConfig.from_pretrained(str(path))
+    config.target_modules = layout.exact_names_regex(layout.split_adapter_key(k)[0] for k in tensors)
+    config.inference_mode = not trainable
     with _quiet_peft():
-        peft_model = PeftModel.from_pretrained(model, str(path), is_trainable=trainable)
+        try:
+            peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
+        except ValueError as exc:  # peft: target modules not found in the model
+            raise CheckpointError(f"the adapter in {path} does not fit this model ({exc}); load the base model it was "
+                                  f"trained on (adapter_config.json: {saved_config.get('base_model_name_or_path')})"
+                                  ) from exc
+    result = set_peft_model_state_dict(peft_model, tensors)
+    missing = sorted(k for k in result.missing_keys if ".lora_" in k)
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise CheckpointError(f"the adapter in {path} does not fit this model (missing: {missing[:3]}, unexpected: "
+                              f"{unexpected[:3]}): load the base model and LoRA settings it was trained with")
     if getattr(model, "gemmatune_use_kernels", False):
         patch_lora(peft_model)
     return peft_model

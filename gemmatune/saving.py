@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from gemmatune import adapter_layout as layout
 from gemmatune.errors import CheckpointError, TrainingSetupError
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -71,17 +72,78 @@ def check_writable(folder) -> Path:
 
 def save_adapter(model, tokenizer, path) -> Path:
     """The LoRA adapter in standard peft format (adapter_config.json + safetensors) plus the
-    tokenizer, loadable with peft's PeftModel.from_pretrained(base_model, path). An existing
-    folder at `path` is kept as `<path>.previous-K`, and a line says so."""
+    tokenizer, in the released checkpoint's own names (see adapter_layout), so that
+    `PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base), path)` loads it, as
+    does gemmatune.load_adapter. An existing folder at `path` is kept as `<path>.previous-K`."""
     final = Path(path)
     tmp = _staging_dir(final)
-    model.save_pretrained(tmp)
+    write_adapter(model, tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     kept = _publish(tmp, final)
     if kept is not None:
         print(f"gemmatune: {final} already existed; the earlier save is kept as {kept}")
     return final
+
+
+def write_adapter(model, folder: Path) -> None:
+    """adapter_config.json + adapter_model.safetensors of the model's "default" adapter, with the
+    checkpoint's module names, `target_modules` as a regex matching exactly the adapted modules,
+    and `base_model_name_or_path` naming the checkpoint the model was loaded from."""
+    import copy
+
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if not isinstance(model, PeftModel):
+        raise TrainingSetupError("save_adapter needs the model that gemmatune.add_lora or load_adapter returned "
+                                 f"(a peft model), got {type(model).__name__}")
+    tensors = {}
+    for key, tensor in get_peft_model_state_dict(model).items():
+        module, rest = layout.split_adapter_key(key)
+        tensors[layout.adapter_key(layout.to_checkpoint_name(model, module), rest)] = \
+            tensor.detach().to("cpu").contiguous()
+    config = copy.deepcopy(model.peft_config["default"])
+    config.target_modules = layout.exact_names_regex(layout.split_adapter_key(k)[0] for k in tensors)
+    config.inference_mode = True
+    source = getattr(model, "gemmatune_source", None)
+    if source is not None:
+        config.base_model_name_or_path = source.path
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(folder))
+    save_file(tensors, str(folder / ADAPTER_FILE), metadata={"format": "pt"})
+
+
+def read_adapter(folder, model) -> tuple[dict, dict]:
+    """(adapter_config.json as a dict, tensors renamed to `model`'s module names) of a saved adapter
+    in either layout: the checkpoint's names (this gemmatune) or the text-only ones (before 2026-12)."""
+    folder = Path(folder)
+    config_file = folder / "adapter_config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no adapter_config.json: pick a folder written by gemmatune.train or "
+                              "save_adapter (output_dir/adapter, or a checkpoint-N folder inside your output_dir)")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CheckpointError(f"{config_file} is broken (not valid JSON: {exc}); save the adapter again") from exc
+    return config, to_model_names(model, read_adapter_weights(folder), folder)
+
+
+def to_model_names(model, tensors: dict, folder) -> dict:
+    """Adapter tensors renamed from any saved layout to this model's module names."""
+    renamed, towers = {}, set()
+    for key, tensor in tensors.items():
+        module, rest = layout.split_adapter_key(key)
+        name = layout.to_model_name(model, layout.canonical_name(module))
+        if name is None:
+            towers.add(module.split(".")[1])
+            continue
+        renamed[layout.adapter_key(name, rest)] = tensor
+    if towers:
+        raise CheckpointError(f"{folder} adapts the {' and '.join(sorted(towers))} too, which this text-only model "
+                              "does not have: load the base with gemmatune.load_model(..., modalities=("
+                              "'text', 'image', 'audio'))")
+    return renamed
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -91,7 +153,7 @@ def save_checkpoint(model, tokenizer, optimizer, state, output_dir) -> Path:
 
     final = Path(output_dir) / f"checkpoint-{state.step}"
     tmp = _staging_dir(final)
-    model.save_pretrained(tmp)
+    write_adapter(model, tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     tensors = {}
@@ -127,7 +189,8 @@ def load_checkpoint(path, model, optimizer):
     from gemmatune.trainer import TrainState
 
     path = Path(path)
-    adapter = read_adapter_weights(path, expected=get_peft_model_state_dict(model))
+    adapter = to_model_names(model, read_adapter_weights(path), path)
+    _check_adapter_keys(path / ADAPTER_FILE, adapter, get_peft_model_state_dict(model))
     saved = _read_state(path)
     state = TrainState(**saved["state"])
     rng = saved.get("rng") or {}
