@@ -1,10 +1,18 @@
 """Load Gemma 4 for QLoRA: 4-bit NF4 language model, PLE table on the CPU, right dtype.
 
-`load_model` returns `(model, tokenizer)` for text work. For a text-only fine-tune of a
-multimodal checkpoint (every Gemma 4 E-series checkpoint is one) it builds the language
-model alone, `Gemma4ForCausalLM`, and maps the checkpoint's `model.language_model.*` keys
-onto it: without that mapping transformers silently leaves the weights random. The vision
-and audio towers are never built, so they cost no memory.
+`load_model` returns `(model, tokenizer)`. For a text-only fine-tune of a multimodal
+checkpoint (every Gemma 4 E-series checkpoint is one) it builds the language model alone,
+`Gemma4ForCausalLM`, and maps the checkpoint's `model.language_model.*` keys onto it:
+without that mapping transformers silently leaves the weights random. The vision and audio
+towers are never built, so they cost no memory.
+
+With `modalities=("text", "image")` or `("text", "audio")` it builds
+`Gemma4ForConditionalGeneration` with only the towers asked for (the other tower's config is
+removed, so it is never built, and its checkpoint keys are ignored): the language model in
+4-bit, the towers and their embedders in the compute dtype (small, and sensitive to 4-bit
+error). The tokenizer is all the rest of gemmatune needs: images and audio are turned into
+tensors by gemmatune.media (no torchvision, which transformers' Gemma4Processor needs for
+its video processor and which fails beside the CPU build of torch).
 """
 import os
 import socket
@@ -14,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
-from gemmatune import ple
+from gemmatune import ple, towers
 from gemmatune.errors import ModelLoadError
 from gemmatune.memory import check_fits
 from gemmatune.patching import patch_model
@@ -23,9 +31,12 @@ from gemmatune.tiny import TINY_MODEL_ID, tiny_model_dir
 LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model."}
 
 # Kept in the compute dtype: embeddings/LM head (a row lookup and the fused loss read them
-# directly) and the towers (small, and sensitive to 4-bit error).
-NOT_QUANTIZED = ["lm_head", "embed_tokens", "embed_tokens_per_layer", "vision_tower", "audio_tower",
-                 "embed_vision", "embed_audio"]
+# directly) and the towers with their embedders (small, and sensitive to 4-bit error).
+# transformers matches these from the start of a module's full name (or as its suffix), so
+# the towers are named by their full path: a bare "vision_tower" matched nothing and the
+# towers were quantised (tests/test_multimodal_model.py).
+NOT_QUANTIZED = ["lm_head", "embed_tokens", "embed_tokens_per_layer", "model.vision_tower", "model.audio_tower",
+                 "model.embed_vision", "model.embed_audio"]
 
 
 class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
@@ -41,13 +52,22 @@ class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
                                                    *type(self)._keys_to_ignore_on_load_unexpected}
 
 
-class Gemma4ForConditionalGenerationHostPLE(hf_gemma4.Gemma4ForConditionalGeneration):
-    """Gemma4ForConditionalGeneration whose per-layer-embedding table stays in CPU memory."""
+class Gemma4ForConditionalGenerationSomeTowers(hf_gemma4.Gemma4ForConditionalGeneration):
+    """Gemma4ForConditionalGeneration built from a config whose unused towers were removed
+    (towers.keep_towers): the checkpoint keys of those towers are expected and ignored."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._keys_to_ignore_on_load_unexpected = set(towers.dropped_tower_keys(config))
+
+
+class Gemma4ForConditionalGenerationHostPLE(Gemma4ForConditionalGenerationSomeTowers):
+    """... whose per-layer-embedding table also stays in CPU memory."""
 
     def __init__(self, config):
         super().__init__(config)
         ple.use_host_embedding(self.model.language_model)
-        self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight"}
+        self._keys_to_ignore_on_load_unexpected.add(r"embed_tokens_per_layer\.weight")
 
 
 def resolve_model_id(model_id: str) -> str:
@@ -159,8 +179,8 @@ def load_model(
     target = pick_device(device)
     compute_dtype, why_dtype = pick_dtype(dtype, target)
     config, hub_kwargs = load_config(model_id, path, **hub_kwargs)
-    text_only = tuple(modalities) == ("text",)
-    model_cls, load_kwargs = _model_class_and_kwargs(config, text_only, offload_per_layer_embeddings)
+    modalities = towers.check_modalities(modalities)
+    model_cls, load_kwargs = _model_class_and_kwargs(config, modalities, offload_per_layer_embeddings)
     if load_in_4bit:
         load_kwargs["quantization_config"] = quantization_config(compute_dtype)
     model = model_cls.from_pretrained(path, dtype=compute_dtype, device_map={"": target}, **load_kwargs,
@@ -183,10 +203,10 @@ def load_model(
     return model, tokenizer
 
 
-def _model_class_and_kwargs(config, text_only: bool, offload_ple: bool):
+def _model_class_and_kwargs(config, modalities: tuple[str, ...], offload_ple: bool):
     """Which class to build and how to map the checkpoint's keys onto it."""
     is_multimodal = config.model_type == "gemma4"
-    if text_only:
+    if modalities == ("text",):
         cls = Gemma4ForCausalLMHostPLE if offload_ple else hf_gemma4.Gemma4ForCausalLM
         if is_multimodal:  # the language model alone, with the checkpoint's keys mapped onto it
             return cls, {"config": config.get_text_config(), "key_mapping": LANGUAGE_MODEL_KEYS}
@@ -194,8 +214,12 @@ def _model_class_and_kwargs(config, text_only: bool, offload_ple: bool):
     if not is_multimodal:
         raise ValueError("image/audio fine-tuning needs a multimodal Gemma 4 checkpoint (model_type 'gemma4'), "
                          f"got model_type={config.model_type!r}: load it with modalities=('text',)")
-    cls = Gemma4ForConditionalGenerationHostPLE if offload_ple else hf_gemma4.Gemma4ForConditionalGeneration
-    return cls, {}
+    for modality in modalities[1:]:
+        if getattr(config, towers.CONFIG_OF[modality]) is None:
+            raise ValueError(f"this checkpoint has no {modality} tower ({towers.CONFIG_OF[modality]} is empty): "
+                             f"load it without {modality!r} in modalities")
+    cls = Gemma4ForConditionalGenerationHostPLE if offload_ple else Gemma4ForConditionalGenerationSomeTowers
+    return cls, {"config": towers.keep_towers(config, modalities)}
 
 
 def describe_model(model, compute_dtype, why_dtype: str, load_in_4bit: bool) -> str:
@@ -211,6 +235,11 @@ def describe_model(model, compute_dtype, why_dtype: str, load_in_4bit: bool) -> 
         f"  compute dtype {str(compute_dtype).replace('torch.', '')}: {why_dtype}",
         f"  4-bit NF4 + double quantisation: {n_4bit} linear layers" if load_in_4bit else "  no quantisation",
     ]
+    for modality, tower in towers.towers_of(model).items():
+        n = sum(p.numel() for p in tower.parameters())
+        dtype = str(next(tower.parameters()).dtype).replace("torch.", "")
+        lines.append(f"  {modality} tower: {n / 1e6:,.1f} M parameters in {dtype}, frozen (run without keeping "
+                     f"activations) unless add_lora(train_{'vision' if modality == 'image' else 'audio'}_tower=True)")
     for m in host:
         lines.append(f"  per-layer embeddings in CPU memory: {m.num_embeddings * m.embedding_dim / 1e6:,.1f} M "
                      f"parameters ({m.table.numel() * m.table.element_size() / 2**30:.2f} GiB) kept off the GPU")

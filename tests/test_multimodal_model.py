@@ -1,0 +1,164 @@
+"""The model side of image and audio fine-tuning, on the tiny multimodal Gemma 4 (CPU, fp32).
+
+Loading only the towers asked for; LoRA on exactly the modules each setting names; the
+split step (towers, then the language model: gemmatune.towers) against the stock
+Gemma4ForConditionalGeneration forward; loss and LoRA gradients against plain transformers +
+peft; frozen towers keep no activations; tower checkpointing; fp16 stays finite; the audio
+tower's adapters really train. Batches are built by hand in the shapes the model's forward
+takes (pixel_values pre-patched, -1 positions for padding patches, T/4 audio placeholders).
+"""
+import pytest
+import torch
+from transformers import Gemma4ForConditionalGeneration
+
+from gemmatune import loader, towers
+from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy_reference
+from gemmatune.lora import add_lora, language_model_targets, lora_targets, tower_targets, trainable_parameters
+from gemmatune.loss import IGNORE_INDEX, causal_lm_loss, count_label_tokens, shifted_labels
+from gemmatune.patching import enable_gradient_checkpointing
+from gemmatune.tiny import SPECIAL_TOKENS, TINY_MODEL_ID
+from tests.test_traps import assert_rel_close, lora_grads
+
+TOKEN = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+PATCH_PIXELS = 3 * 16 * 16
+POOL = 3  # the tiny vision tower's pooling kernel: one soft token per 3 x 3 patches
+
+
+def load_mm(modalities=("text", "image", "audio"), dtype="float32", **kwargs):
+    return loader.load_model(TINY_MODEL_ID, modalities=modalities, load_in_4bit=kwargs.pop("load_in_4bit", False),
+                             dtype=dtype, verbose=False, **kwargs)
+
+
+def image_inputs(grids, max_soft_tokens, seed=0):
+    """pixel_values (images, max_patches, 768) and image_position_ids (images, max_patches, 2)
+    for images of `grids` = [(rows, cols) in patches, multiples of 3], padded as the image
+    processor pads (zero patches, position -1); returns them and each image's soft-token count."""
+    gen = torch.Generator().manual_seed(seed)
+    max_patches = max_soft_tokens * POOL * POOL
+    pixels = torch.zeros(len(grids), max_patches, PATCH_PIXELS)
+    positions = torch.full((len(grids), max_patches, 2), -1, dtype=torch.long)
+    for i, (rows, cols) in enumerate(grids):
+        n = rows * cols
+        pixels[i, :n] = torch.rand(n, PATCH_PIXELS, generator=gen)
+        x, y = torch.meshgrid(torch.arange(cols), torch.arange(rows), indexing="xy")
+        positions[i, :n] = torch.stack([x, y], dim=-1).reshape(n, 2)
+    return pixels, positions, [rows * cols // POOL**2 for rows, cols in grids]
+
+
+def audio_inputs(frames, n_mel=32, seed=0):
+    """input_features (clips, T, n_mel) and input_features_mask (clips, T): clips of `frames`
+    mel frames each (multiples of 4), zero-padded to the longest; each clip's token count."""
+    gen = torch.Generator().manual_seed(seed)
+    longest = max(frames)
+    features = torch.zeros(len(frames), longest, n_mel)
+    mask = torch.zeros(len(frames), longest, dtype=torch.bool)
+    for i, t in enumerate(frames):
+        features[i, :t] = torch.randn(t, n_mel, generator=gen)
+        mask[i, :t] = True
+    return features, mask, [t // 4 for t in frames]
+
+
+def media_tokens(kind, n):
+    begin, middle, end = {"image": ("<|image>", "<|image|>", "<image|>"),
+                          "audio": ("<|audio>", "<|audio|>", "<audio|>")}[kind]
+    return [TOKEN[begin]] + [TOKEN[middle]] * n + [TOKEN[end]]
+
+
+def media_batch(kind, counts, seed=0, answer_len=12):
+    """A right-padded batch, one medium per row: <bos> prompt, the medium's tokens, an answer
+    that carries labels (placeholders, prompt and padding never do)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, labels = [], []
+    for i, n in enumerate(counts):
+        prompt = [TOKEN["<bos>"]] + torch.randint(20, 300, (3 + i,), generator=gen).tolist()
+        answer = torch.randint(20, 300, (answer_len + 2 * i,), generator=gen).tolist() + [TOKEN["<turn|>"]]
+        ids = prompt + media_tokens(kind, n) + answer
+        rows.append(ids)
+        labels.append([IGNORE_INDEX] * (len(ids) - len(answer)) + answer)
+    length = max(map(len, rows))
+    batch = {
+        "input_ids": torch.tensor([r + [0] * (length - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows]),
+        "labels": torch.tensor([r + [IGNORE_INDEX] * (length - len(r)) for r in labels]),
+    }
+    return batch
+
+
+def image_batch(seed=0):
+    pixels, positions, counts = image_inputs([(3, 6), (6, 3)], max_soft_tokens=3, seed=seed)  # 2 soft tokens each
+    return {**media_batch("image", counts, seed), "pixel_values": pixels, "image_position_ids": positions}
+
+
+def audio_batch(seed=0, frames=(200, 16)):
+    # 50 and 4 tokens: the short clip's padding is longer than the tower's attention context
+    # (12 + 12 frames after subsampling), so some of its rows have every key masked.
+    features, mask, counts = audio_inputs(list(frames), seed=seed)
+    return {**media_batch("audio", counts, seed), "input_features": features, "input_features_mask": mask}
+
+
+def stock_model(tiny_dir, dtype=torch.float32):
+    return Gemma4ForConditionalGeneration.from_pretrained(tiny_dir, dtype=dtype)
+
+
+# ------------------------------------------------------------------ loading
+@pytest.mark.parametrize("asked,dropped", [("image", "audio"), ("audio", "image")])
+def test_only_the_towers_asked_for_are_built_and_their_weights_load(tiny_dir, asked, dropped, capsys):
+    model, tokenizer = load_mm(("text", asked))
+    assert list(towers.towers_of(model)) == [asked]
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.startswith(f"model.{module}.") for module in towers.TOWERS[dropped] for n in names)
+    assert all(any(n.startswith(f"model.{module}.") for n in names) for module in towers.TOWERS[asked])
+    stock = stock_model(tiny_dir).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, stock[name]), name  # every built weight is the checkpoint's
+    assert "unexpected" not in capsys.readouterr().err.lower()
+    assert tokenizer.convert_tokens_to_ids("<|image|>") == TOKEN["<|image|>"]
+
+
+def test_unknown_modality_is_refused():
+    with pytest.raises(ValueError, match="modalities"):
+        load_mm(("text", "video"))
+
+
+def test_towers_stay_in_the_compute_dtype_and_the_language_model_in_4bit():
+    import bitsandbytes as bnb
+
+    model, _ = load_mm(load_in_4bit=True)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all("language_model" in n for n in quantized)
+    for tower in towers.towers_of(model).values():
+        assert {p.dtype for p in tower.parameters()} == {torch.float32}
+
+
+# ------------------------------------------------------------------ the split step
+@pytest.mark.parametrize("make_batch", [image_batch, audio_batch], ids=["image", "audio"])
+def test_split_step_equals_the_stock_forward(tiny_dir, make_batch):
+    """towers.embed_inputs + the language model on the embeddings == Gemma4Model.forward
+    (same checkpoint, no kernels: bit-for-bit code paths except the split itself)."""
+    model, _ = load_mm(use_kernels=False)
+    stock = stock_model(tiny_dir)
+    batch = make_batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        want = stock.model(**inputs).last_hidden_state
+        embeds = towers.embed_inputs(model.model, inputs)
+        text_ids = towers.text_token_ids(batch["input_ids"], model.config)
+        got = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                          per_layer_inputs=model.model.language_model.get_per_layer_inputs(text_ids)
+                                          ).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert_rel_close(got[real], want[real], 1e-5, "hidden states")
+
+
+def test_placeholder_count_mismatch_names_the_fix():
+    model, _ = load_mm()
+    batch = image_batch()
+    batch["input_ids"][0, batch["input_ids"][0].tolist().index(TOKEN["<|image|>"])] = 50  # one placeholder short
+    with pytest.raises(Exception, match="placeholder tokens"):
+        causal_lm_loss(model, batch, normalizer=1)
+
+
+def test_a_medium_without_its_tower_is_refused():
+    model, _ = load_mm(("text", "image"))
+    with pytest.raises(Exception, match="modalities=\\('text', 'audio'\\)"):
+        causal_lm_loss(model, audio_batch(), normalizer=1)
