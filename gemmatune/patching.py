@@ -24,9 +24,11 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
 - always: the audio tower's layers -> CheckpointedAudioLayer, which can be gradient-
   checkpointed like the text and vision layers (transformers' audio layer cannot); it is,
   while the audio tower has adapters (enable_gradient_checkpointing).
-The towers' norms are Gemma4RMSNorm too and take the kernel (the same formula; their
-outputs are compared in tests/test_multimodal_model.py). The towers' attention and MLPs stay
-stock. No fp16 fix is needed in the audio tower: its attention computes the scores and the
+The vision tower's and the embedders' norms are Gemma4RMSNorm too and take the kernel (the
+same formula; compared with transformers + peft in tests/test_multimodal_model.py); the
+towers' attention and MLPs stay stock. The audio tower stays stock entirely: its layers
+modify norm outputs in place (`hidden_states *= scale`, `+= residual`), which the kernel's
+autograd function forbids when the tower trains. No fp16 fix is needed in the audio tower: its attention computes the scores and the
 -1e9 mask value in float32 (checked in fp16 in tests/test_multimodal_model.py).
 The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
 """
@@ -216,8 +218,10 @@ def patch_model(model: nn.Module, use_kernels: bool = True) -> list[str]:
         swaps = {hf_gemma4.Gemma4RMSNorm: KernelRMSNorm, hf_gemma4.Gemma4TextMLP: KernelGemma4MLP,
                  hf_gemma4.Gemma4TextAttention: KernelGemma4Attention}
         counts = {}
+        audio = towers.towers_of(model).get("audio")
+        in_audio_tower = {id(m) for m in audio.modules()} if audio is not None else set()
         for module in model.modules():
-            new_class = swaps.get(type(module))
+            new_class = swaps.get(type(module)) if id(module) not in in_audio_tower else None
             if new_class is not None:
                 _swap_class(model, module, new_class)
                 counts[new_class.__name__] = counts.get(new_class.__name__, 0) + 1

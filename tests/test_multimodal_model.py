@@ -162,3 +162,186 @@ def test_a_medium_without_its_tower_is_refused():
     model, _ = load_mm(("text", "image"))
     with pytest.raises(Exception, match="modalities=\\('text', 'audio'\\)"):
         causal_lm_loss(model, audio_batch(), normalizer=1)
+
+
+# ------------------------------------------------------------------ LoRA targets
+LANGUAGE_MODEL = [f"model.language_model.layers.{i}.{p}" for i in range(4) for p in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if not (i >= 2 and p in ("self_attn.k_proj", "self_attn.v_proj"))]
+VISION_TOWER = [f"model.vision_tower.encoder.layers.{i}.{p}.linear" for i in range(2) for p in (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+AUDIO_TOWER = [f"model.audio_tower.layers.{i}.{p}.linear" for i in range(2) for p in (
+    "feed_forward1.ffw_layer_1", "feed_forward1.ffw_layer_2", "feed_forward2.ffw_layer_1",
+    "feed_forward2.ffw_layer_2", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.post",
+    "lconv1d.linear_start", "lconv1d.linear_end")]
+PROJECTORS = ["model.embed_vision.embedding_projection", "model.embed_audio.embedding_projection"]
+
+
+def adapted_modules(peft_model):
+    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A"))
+
+
+@pytest.mark.parametrize("switches,expected", [
+    ({}, LANGUAGE_MODEL),
+    ({"train_vision_tower": True}, LANGUAGE_MODEL + VISION_TOWER),
+    ({"train_audio_tower": True}, LANGUAGE_MODEL + AUDIO_TOWER),
+    ({"train_projectors": True}, LANGUAGE_MODEL + PROJECTORS),
+    ({"train_vision_tower": True, "train_audio_tower": True}, LANGUAGE_MODEL + VISION_TOWER + AUDIO_TOWER),
+], ids=["default", "vision", "audio", "projectors", "both"])
+def test_lora_goes_exactly_where_each_switch_says(switches, expected, capsys):
+    model, _ = load_mm()
+    peft_model = add_lora(model, r=4, **switches)
+    assert adapted_modules(peft_model) == sorted(expected)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    report = trainable_parameters(peft_model)
+    if switches.get("train_audio_tower"):
+        assert "audio tower" in report
+    if not switches:
+        assert "tower" not in report
+
+
+def test_a_tower_switch_without_that_tower_is_refused():
+    model, _ = load_mm(("text", "image"))
+    with pytest.raises(ValueError, match="modalities=\\('text', 'audio'\\)"):
+        add_lora(model, train_audio_tower=True)
+    assert tower_targets(model, "image") == VISION_TOWER
+
+
+# ------------------------------------------------------------------ against transformers + peft
+def with_random_lora_b(peft_model, seed=0):
+    """peft starts B at zero, which makes every A-gradient zero: give B values to compare."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return peft_model
+
+
+def stock_peft_loss_and_grads(tiny_dir, ours, batch, targets):
+    """Plain Gemma4ForConditionalGeneration + peft on the same targets and adapter weights:
+    its own loss (mean over the shifted labels; the labels mask the same positions)."""
+    from peft import LoraConfig, get_peft_model
+
+    stock = get_peft_model(stock_model(tiny_dir), LoraConfig(r=4, lora_alpha=4, target_modules=targets))
+    ours_lora = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, param in stock.named_parameters():
+            if ".lora_" in name:
+                param.copy_(ours_lora[name])
+    assert sorted(n for n, p in stock.named_parameters() if p.requires_grad) == sorted(ours_lora)
+    loss = stock(**batch).loss
+    loss.backward()
+    return loss.detach(), lora_grads(stock)
+
+
+@pytest.mark.parametrize("kind,switches", [("image", {}), ("image", {"train_vision_tower": True}),
+                                           ("audio", {"train_audio_tower": True})],
+                         ids=["image", "image+vision-tower", "audio+audio-tower"])
+def test_loss_and_lora_gradients_equal_transformers_and_peft(tiny_dir, kind, switches):
+    model, _ = load_mm()
+    model = with_random_lora_b(add_lora(model, r=4, **switches))
+    enable_gradient_checkpointing(model, "offload")  # language model offloaded; a trained tower "on"
+    model.train()
+    batch = image_batch(seed=1) if kind == "image" else audio_batch(seed=1)
+    loss = causal_lm_loss(model, batch, normalizer=count_label_tokens([batch]))
+    loss.backward()
+    grads = lora_grads(model)
+    targets = lora_targets(unwrap_base(model), **switches)
+    want_loss, want_grads = stock_peft_loss_and_grads(tiny_dir, model, batch, targets)
+    # fp32 kernels and the fused loss sum in another order: ~1e-6 relative, far below any real bug
+    assert_rel_close(loss, want_loss, 1e-5, "loss")
+    assert set(grads) == set(want_grads)
+    tower_grads = [n for n in grads if "_tower" in n]
+    assert bool(tower_grads) == bool(switches)
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name  # every adapter really gets a gradient
+        assert_rel_close(grads[name], grad, 1e-4, name)
+
+
+def unwrap_base(peft_model):
+    return peft_model.get_base_model()
+
+
+# ------------------------------------------------------------------ frozen towers keep nothing
+def saved_tensor_count(fn):
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = fn()
+    return out, len(saved)
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_a_frozen_tower_keeps_no_activations(kind):
+    model, _ = load_mm()
+    model = add_lora(model, r=4)
+    model.train()
+    batch = image_batch() if kind == "image" else audio_batch()
+    embeds, n_saved = saved_tensor_count(lambda: towers.embed_inputs(model.get_base_model().model, batch))
+    assert n_saved == 0 and not embeds.requires_grad  # a leaf for the language model
+
+    trained, _ = load_mm()
+    trained = add_lora(trained, r=4, **{f"train_{'vision' if kind == 'image' else 'audio'}_tower": True})
+    trained.train()
+    embeds, n_saved = saved_tensor_count(lambda: towers.embed_inputs(trained.get_base_model().model, batch))
+    assert n_saved > 0 and embeds.requires_grad  # the same check sees a trained tower's activations
+
+
+def test_tower_layers_are_checkpointed_only_while_trained():
+    model, _ = load_mm()
+    model = add_lora(model, r=4, train_audio_tower=True)
+    enable_gradient_checkpointing(model, "offload")
+    inner = model.get_base_model().model
+    assert all(layer.gradient_checkpointing for layer in inner.audio_tower.layers)
+    assert not any(layer.gradient_checkpointing for layer in inner.vision_tower.encoder.layers)
+    assert all(layer.gradient_checkpointing for layer in inner.language_model.layers)
+    enable_gradient_checkpointing(model, "off")
+    assert not any(layer.gradient_checkpointing for layer in inner.audio_tower.layers)
+
+
+# ------------------------------------------------------------------ fp16 (a T4)
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_fp16_forward_and_backward_stay_finite(kind):
+    """fp16 through the towers (adapters on, so their backward runs too) and the language
+    model. The audio batch has a clip whose padding is longer than the tower's attention
+    context: those rows have every key masked, which a -1e9 mask in fp16 (-inf) would turn
+    into NaN; the tower computes its scores in float32, where -1e9 is safe."""
+    model, _ = load_mm(dtype="float16")
+    switch = {"train_vision_tower": True} if kind == "image" else {"train_audio_tower": True}
+    model = with_random_lora_b(add_lora(model, r=4, **switch))
+    model.train()
+    batch = image_batch() if kind == "image" else audio_batch()
+    batch = {k: v.half() if v.is_floating_point() else v for k, v in batch.items()}
+    loss = causal_lm_loss(model, batch, normalizer=count_label_tokens([batch]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = lora_grads(model)
+    assert any("_tower" in n for n in grads)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+
+
+# ------------------------------------------------------------------ the tower really trains
+def test_audio_tower_adapters_change_during_training():
+    from gemmatune.graphs import MicroStep
+
+    model, _ = load_mm(("text", "audio"))
+    model = add_lora(model, r=4, train_audio_tower=True)
+    enable_gradient_checkpointing(model, "offload")
+    model.train()
+    tower = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "audio_tower" in n}
+    assert tower
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = MicroStep(model)
+    losses = []
+    for _ in range(3):  # B moves from zero at step 1, A (zero gradient until then) from step 2
+        batch = audio_batch(seed=2)
+        losses.append(float(step(batch, normalizer=count_label_tokens([batch]))))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+    after = dict(model.named_parameters())
+    unchanged = [n for n, before in tower.items() if torch.equal(after[n].detach(), before)]
+    assert not unchanged, unchanged  # every adapter matrix of the tower moved (B from zero, then A)
+    assert losses[-1] < losses[0]
