@@ -144,7 +144,7 @@ def test_split_step_equals_the_stock_forward(tiny_dir, make_batch):
         embeds = towers.embed_inputs(model.model, inputs)
         text_ids = towers.text_token_ids(batch["input_ids"], model.config)
         got = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                          per_layer_inputs=model.model.language_model.get_per_layer_inputs(text_ids)
+                                          per_layer_inputs=model.model.language_model.get_per_layer_inputs(text_ids, None)
                                           ).last_hidden_state
     real = batch["attention_mask"].bool()
     assert_rel_close(got[real], want[real], 1e-5, "hidden states")
