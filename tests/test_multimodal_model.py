@@ -376,3 +376,21 @@ def test_media_graph_replays_match_the_eager_step(kind):
     for i in range(4):
         for name in eager_grads[i]:
             assert_rel_close(graph_grads[i][name], eager_grads[i][name], 5e-2, f"step {i} {name}")
+
+
+def test_benchmark_batches_hold_as_many_placeholders_as_the_towers_give():
+    """benchmarks/train_step_multimodal.py runs only on the GPU machine: its hand-built batches
+    must match the full-size towers' arithmetic (9 patches per soft token, 4 mel frames per
+    audio token) or every run there fails."""
+    from benchmarks import train_step_multimodal as bench
+
+    for name, (mode, rows, amount, text) in bench.WORKLOADS.items():
+        batch = bench.workload_batch(mode, rows, amount, text)
+        ids = batch["input_ids"]
+        if mode == "image":
+            valid = (batch["image_position_ids"] != -1).all(-1).sum()
+            assert (ids == bench.IMAGE).sum() == valid // 9 == rows * amount, name
+        else:
+            assert (ids == bench.AUDIO).sum() == batch["input_features_mask"].sum() // 4 == rows * amount * 25, name
+        assert int(batch["attention_mask"].sum()) == rows * (text + (amount if mode == "image" else amount * 25))
+        assert (batch["labels"][torch.isin(ids, torch.tensor([bench.IMAGE, bench.AUDIO]))] == IGNORE_INDEX).all()
