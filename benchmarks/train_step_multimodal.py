@@ -261,21 +261,22 @@ def run_group(args) -> None:
     names = args.workload
     modes = {WORKLOADS[n][0] for n in names} if not args.cap else {args.cap}
     max_seq = 2048
+    modalities = ("text", *sorted(modes, key=["image", "audio"].index))
     if args.stack == "gemmatune":
-        modalities = ("text", *sorted(modes, key=["image", "audio"].index))
         model, optimizer, load_s, started = setup_gemmatune(args.ckpt, modalities, dtype, max_seq, args.train_tower)
     else:
         model, optimizer, load_s, started = setup_hf(args.ckpt, dtype)
     weights_gib = torch.cuda.memory_allocated() / GIB
     if args.cap:
-        return emit(capped_run(args, model, optimizer, load_s, started, weights_gib))
+        return emit(capped_run(args, model, optimizer, load_s, started, weights_gib) | {"modalities": modalities})
     for name in names:
         mode, rows, amount, text = WORKLOADS[name]
         record = dict(workload=name, mode=mode, batch=rows, load_s=load_s, weights_gib=weights_gib,
+                      modalities=list(modalities) if args.stack == "gemmatune" else ["text", "image", "audio"],
                       **media_fields(mode, rows, amount))
         try:
             batch = workload_batch(mode, rows, amount, text)
-            record["tokens"] = int(batch["attention_mask"].sum())
+            record.update(tokens=int(batch["attention_mask"].sum()), seq=batch["input_ids"].shape[1])
             if args.stack == "gemmatune":
                 checkpointing = choose_checkpointing(model, batch["input_ids"].shape[1], rows)  # train()'s "auto"
                 step = gemmatune_step(model, optimizer, checkpointing)
@@ -303,7 +304,7 @@ def capped_run(args, model, optimizer, load_s, started, weights_gib) -> dict:
                for s in range(d["grad_accum"])]
     rows, seq = batches[0]["input_ids"].shape
     checkpointing = choose_checkpointing(model, seq, rows, free_gib=CAP_GIB)  # what train() picks on 8 GB
-    record = dict(workload=f"notebook-defaults-{args.cap}", mode=args.cap, batch=rows, grad_accum=d["grad_accum"],
+    record = dict(workload=f"notebook-defaults-{args.cap}", mode=args.cap, batch=rows, seq=seq, grad_accum=d["grad_accum"],
                   tokens=int(sum(b["attention_mask"].sum() for b in batches)), capped_gib=CAP_GIB, load_s=load_s,
                   weights_gib=weights_gib, checkpointing=checkpointing, steps_completed=0,
                   predicted_gib=predicted_gib(model, batches[0], args.cap, d["amount"], checkpointing),
