@@ -12,7 +12,10 @@ removed, so it is never built, and its checkpoint keys are ignored): the languag
 4-bit, the towers and their embedders in the compute dtype (small, and sensitive to 4-bit
 error). The tokenizer is all the rest of gemmatune needs: images and audio are turned into
 tensors by gemmatune.media (no torchvision, which transformers' Gemma4Processor needs for
-its video processor and which fails beside the CPU build of torch).
+its video processor and which fails beside the CPU build of torch). With audio, the
+tokenizer carries the audio feature extractor that matches the loaded tower
+(`tokenizer.feature_extractor`, where a processor keeps it), so prepare_dataset computes mel
+features of the width the tower takes: 128 for the released checkpoints, 32 for the tiny one.
 """
 import os
 import socket
@@ -193,6 +196,8 @@ def load_model(
     model.gemmatune_use_kernels = use_kernels
     patched = patch_model(model, use_kernels=use_kernels)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    if "audio" in modalities:
+        tokenizer.feature_extractor = audio_feature_extractor(model.config)
     if verbose:
         print(describe_model(model, compute_dtype, why_dtype, load_in_4bit))
         print("  kernels: " + ("; ".join(patched) if patched else "off (PyTorch reference code)"))
@@ -220,6 +225,15 @@ def _model_class_and_kwargs(config, modalities: tuple[str, ...], offload_ple: bo
                              f"load it without {modality!r} in modalities")
     cls = Gemma4ForConditionalGenerationHostPLE if offload_ple else Gemma4ForConditionalGenerationSomeTowers
     return cls, {"config": towers.keep_towers(config, modalities)}
+
+
+def audio_feature_extractor(config):
+    """transformers' Gemma 4 audio feature extractor (numpy only) for this model's audio tower.
+    The tower fixes the mel-bin count: its first convolution's channel count is also the input
+    width its projection is built for (Gemma4AudioSubSampleConvProjection)."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    return Gemma4AudioFeatureExtractor(feature_size=config.audio_config.subsampling_conv_channels[0])
 
 
 def describe_model(model, compute_dtype, why_dtype: str, load_in_4bit: bool) -> str:

@@ -113,6 +113,12 @@ def test_only_the_towers_asked_for_are_built_and_their_weights_load(tiny_dir, as
         assert torch.equal(value, stock[name]), name  # every built weight is the checkpoint's
     assert "unexpected" not in capsys.readouterr().err.lower()
     assert tokenizer.convert_tokens_to_ids("<|image|>") == TOKEN["<|image|>"]
+    # with audio the tokenizer carries the feature extractor of the tower's input width
+    assert (getattr(tokenizer, "feature_extractor", None) is not None) == (asked == "audio")
+    if asked == "audio":
+        assert tokenizer.feature_extractor.feature_size == model.model.audio_tower.config.subsampling_conv_channels[0]
+        features, mask, _ = audio_inputs([40], n_mel=tokenizer.feature_extractor.feature_size)
+        model.model.audio_tower(features, mask)  # the tower takes that width
 
 
 def test_unknown_modality_is_refused():
