@@ -125,6 +125,10 @@ def score(model, tokenizer, rows, formatting_func=None, metrics=("exact_match", 
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}: choose from {', '.join(METRICS)}")
     result = Scores()
+    if hasattr(rows, "features"):  # a datasets.Dataset: read image/audio columns undecoded, as prepare_dataset does
+        from gemmatune.multimodal_data import keep_media_encoded
+
+        rows = keep_media_encoded(rows)
     rows = list(rows)
     for i, row in enumerate(rows, start=1):
         messages, reference = prompt_and_reference(row, formatting_func, f"row {i}")
@@ -136,6 +140,44 @@ def score(model, tokenizer, rows, formatting_func=None, metrics=("exact_match", 
                  "word_error_rate": word_error_rate}
     result.metrics = {name: functions[name](result.predictions, result.references) for name in metrics}
     return result
+
+
+# ------------------------------------------------------------------ showing
+def row_media(row, formatting_func=None, where: str = "row"):
+    """(kind, decoded medium) of the first image or audio part of a row: a PIL image, or a
+    float32 16 kHz mono array; (None, None) for a text-only row. Decoded as for training."""
+    from gemmatune import media
+
+    messages, _ = prompt_and_reference(row, formatting_func, where)
+    for message in messages:
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part.get("type") == "image":
+                return "image", media.load_image(media.inspect_image(part["image"], 280, where))
+            if part.get("type") == "audio":
+                ref = media.inspect_audio(part["audio"], part.get("sampling_rate"), media.MEL_BINS, where)
+                return "audio", media.load_audio(ref)
+    return None, None
+
+
+def image_table(images, columns: dict, max_height: int = 80):
+    """An HTML table for Jupyter: one row per image, the image then one cell per column
+    (e.g. {"reference": [...], "before": [...], "after": [...]})."""
+    import base64
+    import html
+    import io
+
+    from IPython.display import HTML
+
+    header = "".join(f"<th>{html.escape(name)}</th>" for name in ["image", *columns])
+    rows = []
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        cells = "".join(f"<td style='text-align:left'><code>{html.escape(values[i])}</code></td>"
+                        for values in columns.values())
+        rows.append(f"<tr><td><img src='{src}' style='max-height:{max_height}px'></td>{cells}</tr>")
+    return HTML(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
 
 
 def shorten(text: str, limit: int = 120) -> str:
