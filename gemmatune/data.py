@@ -7,6 +7,9 @@ The path a row takes:
     messages  --tokenize_conversation-->  input_ids + labels (-100 outside the answers)
     many rows --prepare_dataset-->  PreparedDataset (rows + counts for the notebook)  --collate-->  tensors
 
+Rows with image or audio parts take the same path; gemmatune.multimodal_data adds what they need
+(their placeholder runs, which never carry loss, and their pixels and features in `collate`).
+
 Why the package renders Gemma 4's chat format itself: the official chat template lives only on the
 model hub, and offline runs (CI, the tiny model) must produce the same text. `format_chat` matches
 the template of `gemmatune.tiny.build_tiny_tokenizer()` exactly; the tests check it.
@@ -20,11 +23,16 @@ only add an always-easy token to the loss.
 import json
 import os
 import random
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from itertools import groupby
 from pathlib import Path
 
 from gemmatune.errors import DatasetDownloadError, DatasetFormatError  # noqa: F401 (re-exported)
+from gemmatune.media import MAX_AUDIO_SECONDS, ImageRef
+from gemmatune.multimodal_data import (attach_row_media, check_no_media_tokens_in_text, collate_media,
+                                       content_pieces, has_media, keep_media_encoded, media_run, media_settings,
+                                       media_token_ids, plan_media)
 
 BUNDLED_DATASET = Path(__file__).parent / "assets" / "gemmatune_instruct.jsonl"
 
@@ -172,8 +180,11 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
-                          train_on_inputs: bool = False, segment_cache: dict | None = None) -> dict:
-    """dict(input_ids, labels, truncated) for one conversation, cut to max_seq_length tokens.
+                          train_on_inputs: bool = False, segment_cache: dict | None = None,
+                          media_runs: list[list[int]] | None = None, media_ids: dict | None = None,
+                          where: str = "row") -> dict:
+    """dict(input_ids, labels, truncated, length, media_kept, cuts_media) for one conversation, cut
+    to max_seq_length tokens (`length`: before the cut).
 
     Why segment by segment (header, content, `<turn|>`, "\\n"): the label mask then falls exactly on
     token boundaries, and an answer's tokens start fresh after `<|turn>model\\n` as in generation
@@ -181,9 +192,14 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
     docstring; train_on_inputs=True trains all but <bos>. A processor works too (`.tokenizer` is used).
     segment_cache: one dict shared over rows of one tokenizer, so the fixed pieces are tokenised
     once (prepare_dataset does this; a tokenizer call costs ~0.15 ms).
+    media_runs: the placeholder run of each image/audio part in order (multimodal_data.media_run);
+    they are never trained. `media_kept` counts the runs that fit; `cuts_media` says that
+    max_seq_length falls inside one (prepare_dataset then drops the row). With media_ids, a text
+    part that tokenises to a media token raises DatasetFormatError naming `where`.
     """
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     input_ids, labels, cache = [], [], {} if segment_cache is None else segment_cache
+    media_spans, runs = [], list(media_runs or [])
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -202,12 +218,21 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
     for message in messages:
         answer = train_on_inputs or message["role"] in ("assistant", "model")
         add(fixed(f"{TURN_START}{_role_name(message['role'])}\n"), train_on_inputs)
-        add(encode(_render_content(message["content"])), answer)
+        if media_runs is None or isinstance(message["content"], str):
+            add(encode(_render_content(message["content"])), answer)
+        else:
+            for ids, is_media in content_pieces(message["content"], runs, encode):
+                if is_media:
+                    media_spans.append((len(input_ids), len(input_ids) + len(ids)))
+                elif media_ids:
+                    check_no_media_tokens_in_text(ids, media_ids, where)
+                add(ids, answer and not is_media)
         add(fixed(TURN_END), answer)
         add(fixed("\n"), train_on_inputs)
     truncated = len(input_ids) > max_seq_length
-    return {"input_ids": input_ids[:max_seq_length], "labels": labels[:max_seq_length],
-            "truncated": truncated}
+    return {"input_ids": input_ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated,
+            "length": len(input_ids), "media_kept": sum(end <= max_seq_length for _, end in media_spans),
+            "cuts_media": any(start < max_seq_length < end for start, end in media_spans)}
 
 
 # ------------------------------------------------------------------ datasets
@@ -220,6 +245,8 @@ class PreparedDataset:
     truncated: list[bool] = field(default_factory=list)  # per example
     rows_dropped_long: int = 0  # longer than max_seq_length with drop_long=True
     rows_dropped_untrained: int = 0  # no trained token left after truncation
+    rows_dropped_media_cut: int = 0  # max_seq_length fell inside an image's or a clip's tokens
+    media_cut_length: int = 0  # the longest such row, in tokens: a max_seq_length that keeps them all
     rows_skipped: dict = field(default_factory=dict)  # reason -> count, with skip_bad_rows=True
     first_skipped: str = ""  # the first skipped row's error, so the reader sees an example
 
@@ -237,7 +264,8 @@ class PreparedDataset:
 
     @property
     def rows_dropped(self) -> int:
-        return self.rows_dropped_long + self.rows_dropped_untrained + sum(self.rows_skipped.values())
+        return (self.rows_dropped_long + self.rows_dropped_untrained + self.rows_dropped_media_cut
+                + sum(self.rows_skipped.values()))
 
     @property
     def total_tokens(self) -> int:
@@ -247,13 +275,25 @@ class PreparedDataset:
     def trained_tokens(self) -> int:
         return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in self.examples)
 
+    @property
+    def media_counts(self) -> tuple[int, int]:
+        """(images, audio clips) in the kept rows."""
+        refs = [ref for ex in self.examples for ref in ex.get("media", ())]
+        images = sum(isinstance(ref, ImageRef) for ref in refs)
+        return images, len(refs) - images
+
     def report(self) -> str:
         """One line for the notebook: how much data, how much of it is trained, what was cut."""
-        text = (f"{self.rows:,} rows, {self.total_tokens:,} tokens ({self.trained_tokens:,} trained); "
+        images, clips = self.media_counts
+        kinds = [f"{n:,} {name}" for n, name in ((images, "images"), (clips, "audio clips")) if n]
+        media = f" with {' and '.join(kinds)}" if kinds else ""
+        text = (f"{self.rows:,} rows{media}, {self.total_tokens:,} tokens ({self.trained_tokens:,} trained); "
                 f"{self.rows_truncated:,} rows longer than {self.max_seq_length:,} tokens were truncated; "
                 f"{self.rows_dropped:,} dropped")
         reasons = [(n, f"longer than {self.max_seq_length:,} tokens") for n in [self.rows_dropped_long] if n]
         reasons += [(n, "with no answer token left after truncation") for n in [self.rows_dropped_untrained] if n]
+        reasons += [(n, f"that max_seq_length would cut inside an image or audio clip (max_seq_length="
+                        f"{self.media_cut_length:,} keeps them)") for n in [self.rows_dropped_media_cut] if n]
         reasons += [(n, f"skipped: {reason}") for reason, n in sorted(self.rows_skipped.items())]
         if reasons:
             text += " (" + ", ".join(f"{n:,} {why}" for n, why in reasons) + ")"
@@ -283,7 +323,7 @@ def _numbered_rows(data):
     if isinstance(data, dict):  # a DatasetDict is a dict of splits
         raise DatasetFormatError(f"data is a dict with keys {', '.join(map(str, data))}: pass one split, "
                                  "e.g. data['train'], or a list of rows.", "not a list")
-    for number, row in enumerate(data, start=1):
+    for number, row in enumerate(keep_media_encoded(data), start=1):
         yield f"row {number}", row
 
 
@@ -299,7 +339,9 @@ def _read_jsonl(path: Path):
 
 
 def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs: bool = False,
-                    drop_long: bool = False, formatting_func=None, skip_bad_rows: bool = False) -> PreparedDataset:
+                    drop_long: bool = False, formatting_func=None, skip_bad_rows: bool = False,
+                    max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS,
+                    mel_bins: int | None = None, verify_media: bool = False) -> PreparedDataset:
     """Convert and tokenise every row; count what was truncated, dropped or skipped.
 
     `data`: "bundled", a path to .json/.jsonl, a datasets.Dataset, or a list of dict rows.
@@ -309,38 +351,63 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
     are always dropped: they would cost compute and train nothing. A row that cannot be read
     raises DatasetFormatError naming it (rows and lines count from 1); skip_bad_rows=True skips
     such rows instead and counts them by reason in `report()`.
+
+    Images and audio (parts {"type": "image", "image": PIL | path | bytes} and {"type": "audio",
+    "audio": path | bytes | array, "sampling_rate": ...}; see gemmatune.multimodal_data): each image
+    gets the soft tokens of a max_soft_tokens budget (70, 140, 280, 560 or 1120), each clip 25
+    tokens a second, at most max_audio_seconds (30). mel_bins: the audio tower's input width (128;
+    taken from a processor's feature extractor when one is passed). Relative media paths are read
+    from the data file's folder. A missing, remote, corrupt, too long or too short medium is a bad
+    row (reasons "missing image", "corrupt audio", ...); files are checked from their headers,
+    and decoded once more with verify_media=True. A row that max_seq_length would cut inside a
+    media run is dropped and counted (see report()).
     """
     if not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(f"max_seq_length={max_seq_length!r}: a row needs at least 2 tokens (<bos> and one "
                          "trained token); Gemma 4 rows are usually 256-4096 tokens long")
-    prepared, cache = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}
+    base_dir = Path(data).parent if isinstance(data, (str, os.PathLike)) and data != "bundled" else None
+    settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins, base_dir, verify_media)
+    prepared, cache, ids = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}, None
     for where, row in _numbered_rows(data):
         try:
             if isinstance(row, DatasetFormatError):
                 raise row
             messages = _row_messages(row, where, formatting_func)
+            media = plan_media(messages, where, settings) if has_media(messages) else []
+            ids = ids or (media_token_ids(tokenizer) if media else None)  # read once, and only for media
+            runs = [media_run(ref, ids) for ref in media] if media else None
+            tokens = tokenize_conversation(tokenizer, messages, max_seq_length, train_on_inputs, cache, runs,
+                                           ids if media else None, where)
         except DatasetFormatError as error:
             if not skip_bad_rows:
                 raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
             prepared.rows_skipped[error.reason] = prepared.rows_skipped.get(error.reason, 0) + 1
             prepared.first_skipped = prepared.first_skipped or str(error)
             continue
-        tokens = tokenize_conversation(tokenizer, messages, max_seq_length, train_on_inputs, cache)
         if tokens["truncated"] and drop_long:
             prepared.rows_dropped_long += 1
+        elif tokens["cuts_media"]:
+            prepared.rows_dropped_media_cut += 1
+            prepared.media_cut_length = max(prepared.media_cut_length, tokens["length"])
         elif all(label == IGNORE_INDEX for label in tokens["labels"]):
             prepared.rows_dropped_untrained += 1
         else:
-            prepared.examples.append({"input_ids": tokens["input_ids"], "labels": tokens["labels"]})
+            example = {"input_ids": tokens["input_ids"], "labels": tokens["labels"]}
+            if media and tokens["media_kept"]:
+                example.update(media=media[:tokens["media_kept"]], media_ids=ids)
+            prepared.examples.append(example)
             prepared.truncated.append(tokens["truncated"])
     return prepared
 
 
 def _row_messages(row, where: str, formatting_func) -> list[dict]:
     if formatting_func is not None:
-        row = formatting_func(row)
-        row = {"messages": row} if isinstance(row, (list, tuple)) else row
-    return to_messages(row, where)
+        try:
+            formatted = formatting_func(row)
+        except DatasetFormatError as error:  # e.g. image_to_text's missing column: name the row
+            raise DatasetFormatError(f"{where}: {error}", error.reason) from None
+        row = {"messages": formatted} if isinstance(formatted, (list, tuple)) else formatted
+    return attach_row_media(to_messages(row, where), row, where)
 
 
 def load_hub_dataset(name: str, split: str = "train", **kwargs):
@@ -363,13 +430,11 @@ def split_train_eval(prepared: PreparedDataset, eval_fraction: float = 0.05, see
     n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
 
     def part(indices, keep_counts):
-        return PreparedDataset(
-            examples=[prepared.examples[i] for i in indices], max_seq_length=prepared.max_seq_length,
-            truncated=[prepared.truncated[i] for i in indices],
-            rows_dropped_long=prepared.rows_dropped_long if keep_counts else 0,
-            rows_dropped_untrained=prepared.rows_dropped_untrained if keep_counts else 0,
-            rows_skipped=dict(prepared.rows_skipped) if keep_counts else {},
-            first_skipped=prepared.first_skipped if keep_counts else "")
+        counts = {} if keep_counts else dict(rows_dropped_long=0, rows_dropped_untrained=0, rows_dropped_media_cut=0,
+                                             media_cut_length=0, rows_skipped={}, first_skipped="")
+        return replace(prepared, examples=[prepared.examples[i] for i in indices],
+                       truncated=[prepared.truncated[i] for i in indices],
+                       **{"rows_skipped": dict(prepared.rows_skipped), **counts})
 
     return part(order[n_eval:], True), part(order[:n_eval], False)
 
@@ -380,7 +445,10 @@ def collate(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -
 
     The length is rounded up to `pad_to_multiple_of`, so batches come in a few shapes (each
     shape is captured once as a CUDA graph, see gemmatune.graphs); the padding is masked out
-    of the loss and, being on the right, never seen by a real token."""
+    of the loss and, being on the right, never seen by a real token. When rows hold images or
+    audio, their pixels and features are decoded now and added (multimodal_data.collate_media:
+    pixel_values, image_position_ids, input_features, input_features_mask, mm_token_type_ids);
+    a text-only batch has exactly the three keys above."""
     import torch
 
     if not batch:
@@ -395,7 +463,10 @@ def collate(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -
         input_ids[i, :n] = torch.tensor(ex["input_ids"], dtype=torch.long)
         labels[i, :n] = torch.tensor(ex["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if any(ex.get("media") for ex in batch):
+        out.update(collate_media(batch, input_ids))
+    return out
 
 
 def show_example(prepared, tokenizer, index: int = 0) -> str:
@@ -410,7 +481,13 @@ def show_example(prepared, tokenizer, index: int = 0) -> str:
     spans = [[token for token, _ in run] for is_trained, run in runs if is_trained]
     trained = sum(len(span) for span in spans)
     lines = [f"dataset[{index}]: {len(ex['input_ids'])} tokens, {trained} trained",
-             "--- what the model reads ---", tokenizer.decode(ex["input_ids"]).rstrip("\n"),
+             "--- what the model reads ---", _shorten_runs(tokenizer.decode(ex["input_ids"])).rstrip("\n"),
              "--- what the loss trains (labels != -100) ---"]
     lines += [f"[{i}] {tokenizer.decode(span)}" for i, span in enumerate(spans, start=1)]
     return "\n".join(lines)
+
+
+def _shorten_runs(text: str) -> str:
+    """280 x <|image|> shown as "<|image|> x 280", so a row with an image stays readable."""
+    return re.sub(r"((<\|image\|>|<\|audio\|>))(\2)+", lambda m: f"{m.group(2)} x {len(m.group(0)) // len(m.group(2))}",
+                  text)
