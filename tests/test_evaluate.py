@@ -64,3 +64,33 @@ def test_prompt_and_reference_splits_off_the_answer():
         prompt_and_reference({"messages": [{"role": "user", "content": "hi"}]})
     with pytest.raises(ValueError, match="nothing to score"):
         prompt_and_reference({}, formatting_func=lambda row: [{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("kind", ["image", "audio"])
+def test_score_generates_from_the_medium_repeatably(kind):
+    """Greedy answers on bundled held-out rows with the tiny model: one per row, the same on a
+    second run, and they depend on the medium (another image/clip gives another first token)."""
+    import torch
+
+    from gemmatune import multimodal_data
+    from gemmatune.evaluate import generate_answer, score
+    from tests.conftest import load_tiny
+
+    model, tokenizer = load_tiny(modalities=("text", kind), use_kernels=False)  # the interpreter is slow per token
+    name, prompt = ("formulas", "Write the LaTeX.") if kind == "image" else ("speech", "Transcribe this audio.")
+    format_row = getattr(multimodal_data, f"{kind}_to_text")(prompt)
+    rows = multimodal_data.load_bundled_dataset(name, "test")[:3]
+    media = {"max_soft_tokens": 70} if kind == "image" else {}
+    first = score(model, tokenizer, rows, formatting_func=format_row, max_new_tokens=6, progress=False, **media)
+    again = score(model, tokenizer, rows, formatting_func=format_row, max_new_tokens=6, progress=False, **media)
+    assert len(first.predictions) == 3 and first.predictions == again.predictions
+    assert first.references == [r["text"] for r in rows] and set(first.metrics) == {"exact_match",
+                                                                                    "character_error_rate"}
+    logits = []
+    for row in rows[:2]:
+        messages, _ = prompt_and_reference(row, format_row)
+        inputs = multimodal_data.prompt_inputs(tokenizer, messages, **media)
+        with torch.no_grad():
+            logits.append(model(**inputs).logits[0, -1])
+    assert not torch.allclose(logits[0], logits[1])  # the prompt text is the same: the medium differs
+    assert isinstance(generate_answer(model, tokenizer, messages, max_new_tokens=2, **media), str)

@@ -329,28 +329,47 @@ def test_fp16_forward_and_backward_stay_finite(kind):
         assert torch.isfinite(grad).all(), name
 
 
-# ------------------------------------------------------------------ the tower really trains
-def test_audio_tower_adapters_change_during_training():
-    from gemmatune.graphs import MicroStep
+# ------------------------------------------------------------------ training through gemmatune.train
+def bundled(name, tokenizer, rows=16):
+    """The first rows of a bundled media dataset, prepared as the notebooks prepare them."""
+    from gemmatune import data, multimodal_data
 
-    model, _ = load_mm(("text", "audio"))
+    kind = "image" if name == "formulas" else "audio"
+    prompt = "Write the LaTeX." if kind == "image" else "Transcribe this audio."
+    format_row = getattr(multimodal_data, f"{kind}_to_text")(prompt)
+    dataset = data.prepare_dataset(multimodal_data.load_bundled_dataset(name, "train")[:rows], tokenizer,
+                                   max_seq_length=512, formatting_func=format_row, max_soft_tokens=70)
+    return dataset
+
+
+def test_audio_tower_adapters_change_during_training(tmp_path):
+    """The switch really trains the tower: after gemmatune.train every adapter matrix in the
+    audio tower has moved (peft starts B at zero; A moves once B is not zero)."""
+    from gemmatune import train
+
+    model, tokenizer = load_mm(("text", "audio"))
     model = add_lora(model, r=4, train_audio_tower=True)
-    enable_gradient_checkpointing(model, "offload")
-    model.train()
     tower = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "audio_tower" in n}
-    assert tower
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    step = MicroStep(model)
-    losses = []
-    for _ in range(3):  # B moves from zero at step 1, A (zero gradient until then) from step 2
-        batch = audio_batch(seed=2)
-        losses.append(float(step(batch, normalizer=count_label_tokens([batch]))))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+    assert len(tower) == 2 * len(AUDIO_TOWER)
+    result = train(model, bundled("speech", tokenizer), tokenizer, max_steps=3, batch_size=2, grad_accum=1,
+                   learning_rate=1e-2, warmup_steps=0, output_dir=str(tmp_path), dashboard="off")
     after = dict(model.named_parameters())
     unchanged = [n for n, before in tower.items() if torch.equal(after[n].detach(), before)]
-    assert not unchanged, unchanged  # every adapter matrix of the tower moved (B from zero, then A)
-    assert losses[-1] < losses[0]
+    assert not unchanged, unchanged
+    assert result.status == "done" and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_vision_fine_tune_trains_only_the_language_model_by_default(tmp_path):
+    from gemmatune import train
+
+    model, tokenizer = load_mm(("text", "image"))
+    model = add_lora(model, r=4)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "vision" in n}
+    result = train(model, bundled("formulas", tokenizer), tokenizer, max_steps=4, batch_size=2, grad_accum=1,
+                   learning_rate=5e-3, warmup_steps=0, output_dir=str(tmp_path), dashboard="off")
+    assert result.status == "done" and result.losses[-1] < result.losses[0]
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n].detach(), value) for n, value in frozen.items())
 
 
 @pytest.mark.gpu
