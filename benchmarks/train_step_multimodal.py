@@ -180,7 +180,8 @@ def setup_hf(ckpt: str, dtype):
     model.enable_input_require_grads()
     # A plain name list also matches the towers' Gemma4ClippableLinear, which peft rejects: a regex
     # limited to the language model (the usual workaround).
-    targets = r".*language_model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    targets = (r".*language_model\.layers\.\d+\.(self_attn|mlp)\."
+               r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
     model.train()
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -304,7 +305,8 @@ def capped_run(args, model, optimizer, load_s, started, weights_gib) -> dict:
                for s in range(d["grad_accum"])]
     rows, seq = batches[0]["input_ids"].shape
     checkpointing = choose_checkpointing(model, seq, rows, free_gib=CAP_GIB)  # what train() picks on 8 GB
-    record = dict(workload=f"notebook-defaults-{args.cap}", mode=args.cap, batch=rows, seq=seq, grad_accum=d["grad_accum"],
+    record = dict(workload=f"notebook-defaults-{args.cap}", mode=args.cap, batch=rows, seq=seq,
+                  grad_accum=d["grad_accum"],
                   tokens=int(sum(b["attention_mask"].sum() for b in batches)), capped_gib=CAP_GIB, load_s=load_s,
                   weights_gib=weights_gib, checkpointing=checkpointing, steps_completed=0,
                   predicted_gib=predicted_gib(model, batches[0], args.cap, d["amount"], checkpointing),

@@ -92,7 +92,9 @@ def language_model_loss(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: 
     (from towers.embed_inputs); `text_ids` (placeholders as the pad id) pick the per-layer
     embeddings. No attention mask means a right-padded batch (see without_needless_mask)."""
     text_model = base.model.language_model
-    per_layer_inputs = text_model.get_per_layer_inputs(text_ids, None) if text_model.hidden_size_per_layer_input else None
+    per_layer_inputs = None
+    if text_model.hidden_size_per_layer_input:  # (ids, None): transformers 5.17 has no default for the second
+        per_layer_inputs = text_model.get_per_layer_inputs(text_ids, None)
     if attention_mask is None and builds_own_masks(text_model):
         attention_mask = {kind: None for kind in set(text_model.config.layer_types)}
     hidden = text_model(inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, attention_mask=attention_mask,

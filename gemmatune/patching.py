@@ -28,8 +28,9 @@ The vision tower's and the embedders' norms are Gemma4RMSNorm too and take the k
 same formula; compared with transformers + peft in tests/test_multimodal_model.py); the
 towers' attention and MLPs stay stock. The audio tower stays stock entirely: its layers
 modify norm outputs in place (`hidden_states *= scale`, `+= residual`), which the kernel's
-autograd function forbids when the tower trains. No fp16 fix is needed in the audio tower: its attention computes the scores and the
--1e9 mask value in float32 (checked in fp16 in tests/test_multimodal_model.py).
+autograd function forbids when the tower trains. No fp16 fix is needed in the audio tower:
+its attention computes the scores and applies the -1e9 mask value in float32 (transformers
+5.17 and 5.23; checked in fp16 with fully masked rows in tests/test_multimodal_model.py).
 The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
 """
 import functools

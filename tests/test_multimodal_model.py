@@ -12,9 +12,8 @@ import torch
 from transformers import Gemma4ForConditionalGeneration
 
 from gemmatune import loader, towers
-from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy_reference
-from gemmatune.lora import add_lora, language_model_targets, lora_targets, tower_targets, trainable_parameters
-from gemmatune.loss import IGNORE_INDEX, causal_lm_loss, count_label_tokens, shifted_labels
+from gemmatune.lora import add_lora, lora_targets, tower_targets, trainable_parameters
+from gemmatune.loss import IGNORE_INDEX, causal_lm_loss, count_label_tokens
 from gemmatune.patching import enable_gradient_checkpointing
 from gemmatune.tiny import SPECIAL_TOKENS, TINY_MODEL_ID
 from tests.test_traps import assert_rel_close, lora_grads
@@ -149,9 +148,9 @@ def test_split_step_equals_the_stock_forward(tiny_dir, make_batch):
         want = stock.model(**inputs).last_hidden_state
         embeds = towers.embed_inputs(model.model, inputs)
         text_ids = towers.text_token_ids(batch["input_ids"], model.config)
-        got = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                          per_layer_inputs=model.model.language_model.get_per_layer_inputs(text_ids, None)
-                                          ).last_hidden_state
+        text_model = model.model.language_model
+        got = text_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                         per_layer_inputs=text_model.get_per_layer_inputs(text_ids, None)).last_hidden_state
     real = batch["attention_mask"].bool()
     assert_rel_close(got[real], want[real], 1e-5, "hidden states")
 
