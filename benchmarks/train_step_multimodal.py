@@ -22,7 +22,8 @@ Groups:
   at 7.5 GiB with torch.cuda.set_per_process_memory_fraction (an 8 GB card less its CUDA context), bf16
   and fp16, checkpointing as train() picks it on an 8 GB card.
 Prints a table and (re)writes benchmarks/results/<date>-h200-train-step-multimodal.json after every
-group, one record per run. Subsets: --groups, --workloads, --stacks, --steps; --tower-lora adds
+group, one record per run (with a subset of --groups or --tower-lora, their names end the file's name,
+so two calls do not overwrite each other). Subsets: --groups, --workloads, --stacks, --steps; --tower-lora adds
 gemmatune runs with the tower's adapters on (image280 + vision tower, audio30 + audio tower).
 Works with transformers 5.17 (the H200 machine's) and 5.23.
 """
@@ -432,7 +433,9 @@ def main() -> None:
     command = "python " + " ".join(sys.argv)
     gpu = torch.cuda.get_device_name(0)
     date = datetime.date.today().isoformat()
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-train-step-multimodal.json")
+    subset = "" if set(args.groups) == {"main", "fp16", "capped"} else "-" + "-".join(args.groups)
+    subset += "-tower-lora" if args.tower_lora else ""
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-train-step-multimodal{subset}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     records, started = [], time.perf_counter()
     for model in args.models:

@@ -24,7 +24,7 @@ def measured_records():
 
 def multimodal_records():
     records = []
-    for path in sorted(RESULTS.glob("*-h200-train-step-multimodal.json")):
+    for path in sorted(RESULTS.glob("*-h200-train-step-multimodal*.json")):
         for r in json.loads(path.read_text()):
             if r.get("stack") == "gemmatune" and not r.get("error") and "peak_allocated_gib" in r:
                 records.append((path.name, r))
