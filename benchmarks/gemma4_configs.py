@@ -33,3 +33,14 @@ def e4b_text_config() -> Gemma4TextConfig:
 
 
 CONFIGS = {"e2b": e2b_text_config, "e4b": e4b_text_config}
+
+
+def multimodal_config(name: str):
+    """The full Gemma4Config (text + vision + audio towers) of E2B/E4B: the released tower
+    configs are transformers' Gemma4VisionConfig/Gemma4AudioConfig defaults (documented against
+    google/gemma-4-e2b-it; E2B and E4B share the towers) with clipped linears on, and the
+    released token ids (transformers' Gemma4Config defaults)."""
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
+
+    return Gemma4Config(text_config=CONFIGS[name](), vision_config=Gemma4VisionConfig(use_clipped_linears=True),
+                        audio_config=Gemma4AudioConfig(), tie_word_embeddings=True)

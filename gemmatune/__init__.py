@@ -20,6 +20,7 @@ def _drop_bitsandbytes_cpu_kernel_notice() -> None:
 
 _drop_bitsandbytes_cpu_kernel_notice()
 
+from gemmatune import evaluate  # noqa: E402,F401 (gemmatune.evaluate.score in the notebooks)
 from gemmatune.chat import chat  # noqa: E402
 from gemmatune.data import load_hub_dataset, prepare_dataset, show_example  # noqa: E402
 from gemmatune.export import merge_and_save  # noqa: E402

@@ -16,21 +16,32 @@ pinned buffer the graph copies from), the optimizer step and gradient clipping. 
 gradients accumulate in place into the `.grad` tensors seen at capture; zero them with
 `zero_grad(set_to_none=False)` (a replay re-attaches them if they were set to None).
 
+Images and audio: the towers run eagerly in front of the graph (gemmatune.towers: soft
+tokens from pixels and mel features vary in count and need host syncs), and the graph,
+keyed by the token shape, holds the language model run on the input embeddings they give
+(gemmatune.loss.language_model_loss): the embeddings are copied into the graph's input
+buffer before each replay. That needs the towers frozen (their output a leaf); with tower
+adapters the whole step runs eagerly.
+
 When a step is not graphed (it runs eagerly, with the same result): no CUDA, the model
 not in training mode, LoRA dropout (its random masks would be frozen into the graph),
-the plain-PyTorch loss (fused=False), image/audio inputs, or a left-padded batch. A
-right-padded text batch needs no attention mask, eager or graphed (see
-gemmatune.loss.model_inputs), so the graph has no mask input.
+the plain-PyTorch loss (fused=False), images/audio with a trained tower, or a left-padded
+batch. A right-padded batch needs no attention mask, eager or graphed (see
+gemmatune.loss.without_needless_mask), so the graph has no mask input.
 """
 import torch
 from torch import nn
 
+from gemmatune import towers
 from gemmatune.checkpointing import OffloadedCheckpoint
 from gemmatune.kernels import lora_nf4_linear
-from gemmatune.loss import causal_lm_loss, is_right_padded, without_needless_mask
+from gemmatune.loss import causal_lm_loss, is_right_padded, language_model_loss, unwrap, without_needless_mask
 from gemmatune.ple import HostEmbedding
 
 MAX_GRAPHS = 8  # batch shapes kept; later new shapes run eagerly
+TEXT_KEYS = {"input_ids", "labels", "attention_mask"}
+MEDIA_KEYS = TEXT_KEYS | {"pixel_values", "image_position_ids", "input_features", "input_features_mask",
+                          "mm_token_type_ids"}
 
 
 def why_not_graphed(model: nn.Module, fused: bool) -> str | None:
@@ -54,6 +65,7 @@ class _Graph:
     def __init__(self, input_ids, labels, normalizer, staged, keep_alive):
         self.graph = torch.cuda.CUDAGraph()
         self.input_ids, self.labels, self.normalizer = input_ids, labels, normalizer
+        self.inputs_embeds = None     # image/audio graphs: the embeddings buffer the towers' output goes into
         self.staged = staged          # HostEmbedding -> pinned rows buffer the graph copies from
         self.keep_alive = keep_alive  # host/device buffers whose addresses the graph recorded
         self.loss = None
@@ -81,6 +93,9 @@ class MicroStep:
         self.fused = fused
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.disabled_because = why_not_graphed(model, fused) if cuda_graphs else "cuda_graphs=False"
+        self.inner = towers.multimodal_model(model)  # the Gemma4Model of an image/audio model, else None
+        self.towers_trained = self.inner is not None and any(
+            towers.is_trained(getattr(self.inner, name, None)) for names in towers.TOWERS.values() for name in names)
         self.graphs: dict[tuple, _Graph] = {}
         self.seen: set[tuple] = set()
         self.pool = None
@@ -115,11 +130,15 @@ class MicroStep:
     def _graph_key(self, batch: dict) -> tuple | None:
         if self.disabled_because or not self.model.training:
             return None
-        if set(batch) - {"input_ids", "labels", "attention_mask"}:
-            return None  # images/audio: eager
         if not is_right_padded(batch.get("attention_mask")):
             return None
-        return tuple(batch["input_ids"].shape)
+        if towers.has_media(batch):
+            if self.inner is None or self.towers_trained or set(batch) - MEDIA_KEYS:
+                return None  # a trained tower's backward runs after the graph's: eager
+            return ("embeds", *batch["input_ids"].shape)
+        if set(batch) - TEXT_KEYS:
+            return None
+        return ("ids", *batch["input_ids"].shape)
 
     # -- graphs ------------------------------------------------------------------------
     def _capture(self, batch: dict) -> _Graph:
@@ -129,12 +148,16 @@ class MicroStep:
                 p.grad = torch.zeros_like(p)
         grad_ptrs = [p.grad.data_ptr() for p in params]
         host_embeddings = [m for m in self.model.modules() if isinstance(m, HostEmbedding)]
-        staged = {m: m.gather(batch["input_ids"]) for m in host_embeddings}
+        media = towers.has_media(batch)
+        ids = self._text_ids(batch) if media else batch["input_ids"]
+        staged = {m: m.gather(ids) for m in host_embeddings}
         g = _Graph(
-            input_ids=batch["input_ids"].to(self.device), labels=batch["labels"].to(self.device),
+            input_ids=ids.to(self.device), labels=batch["labels"].to(self.device),
             normalizer=torch.zeros((), dtype=torch.float32, device=self.device), staged=staged,
             keep_alive=[],
         )
+        if media:
+            g.inputs_embeds = self._media_embeddings(batch)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         torch.cuda.synchronize()
@@ -142,8 +165,12 @@ class MicroStep:
             m.staged = rows
         try:
             with torch.cuda.graph(g.graph, pool=self.pool):
-                loss = causal_lm_loss(self.model, {"input_ids": g.input_ids, "labels": g.labels},
-                                      normalizer=g.normalizer, fused=True)
+                if media:
+                    loss = language_model_loss(unwrap(self.model), g.inputs_embeds, g.input_ids, g.labels,
+                                               normalizer=g.normalizer, fused=True)
+                else:
+                    loss = causal_lm_loss(self.model, {"input_ids": g.input_ids, "labels": g.labels},
+                                          normalizer=g.normalizer, fused=True)
                 loss.backward()
         finally:
             for m in host_embeddings:
@@ -156,12 +183,26 @@ class MicroStep:
         g.keep_alive += list(lora_nf4_linear._WORKSPACE.values())
         return g
 
+    def _text_ids(self, batch: dict) -> torch.Tensor:
+        """The batch's ids with image/audio placeholders as the pad id (CPU)."""
+        return towers.text_token_ids(batch["input_ids"], self.inner.config)
+
+    def _media_embeddings(self, batch: dict) -> torch.Tensor:
+        """The towers, eagerly and without gradients (they are frozen), on the GPU copy of the batch."""
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            return towers.embed_inputs(self.inner, inputs)
+
     def _replay(self, g: _Graph, batch: dict, normalizer) -> torch.Tensor:
+        ids = batch["input_ids"]
+        if g.inputs_embeds is not None:
+            g.inputs_embeds.copy_(self._media_embeddings(batch))  # queued after the last replay: stream order
+            ids = self._text_ids(batch)
         if self.replay_done is not None:
             self.replay_done.synchronize()  # the last replay has read the pinned rows buffers
         for m, rows in g.staged.items():
-            m.gather(batch["input_ids"], out=rows)
-        g.input_ids.copy_(batch["input_ids"], non_blocking=True)
+            m.gather(ids, out=rows)
+        g.input_ids.copy_(ids, non_blocking=True)
         g.labels.copy_(batch["labels"], non_blocking=True)
         g.normalizer.fill_(float(normalizer))
         g.reattach_grads()

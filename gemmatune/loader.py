@@ -1,10 +1,21 @@
 """Load Gemma 4 for QLoRA: 4-bit NF4 language model, PLE table on the CPU, right dtype.
 
-`load_model` returns `(model, tokenizer)` for text work. For a text-only fine-tune of a
-multimodal checkpoint (every Gemma 4 E-series checkpoint is one) it builds the language
-model alone, `Gemma4ForCausalLM`, and maps the checkpoint's `model.language_model.*` keys
-onto it: without that mapping transformers silently leaves the weights random. The vision
-and audio towers are never built, so they cost no memory.
+`load_model` returns `(model, tokenizer)`. For a text-only fine-tune of a multimodal
+checkpoint (every Gemma 4 E-series checkpoint is one) it builds the language model alone,
+`Gemma4ForCausalLM`, and maps the checkpoint's `model.language_model.*` keys onto it:
+without that mapping transformers silently leaves the weights random. The vision and audio
+towers are never built, so they cost no memory.
+
+With `modalities=("text", "image")` or `("text", "audio")` it builds
+`Gemma4ForConditionalGeneration` with only the towers asked for (the other tower's config is
+removed, so it is never built, and its checkpoint keys are ignored): the language model in
+4-bit, the towers and their embedders in the compute dtype (small, and sensitive to 4-bit
+error). The tokenizer is all the rest of gemmatune needs: images and audio are turned into
+tensors by gemmatune.media (no torchvision, which transformers' Gemma4Processor needs for
+its video processor and which fails beside the CPU build of torch). With audio, the
+tokenizer carries the audio feature extractor that matches the loaded tower
+(`tokenizer.feature_extractor`, where a processor keeps it), so prepare_dataset computes mel
+features of the width the tower takes: 128 for the released checkpoints, 32 for the tiny one.
 """
 import os
 import socket
@@ -15,7 +26,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
-from gemmatune import distributed, ple
+from gemmatune import distributed, ple, towers
 from gemmatune.errors import ModelLoadError
 from gemmatune.memory import check_fits
 from gemmatune.patching import patch_model
@@ -24,9 +35,11 @@ from gemmatune.tiny import TINY_MODEL_ID, tiny_model_dir
 LANGUAGE_MODEL_KEYS = {r"^model\.language_model\.": "model."}
 
 # Kept in the compute dtype: embeddings/LM head (a row lookup and the fused loss read them
-# directly) and the towers (small, and sensitive to 4-bit error). transformers 5.23 matches these
-# from the start of a module's full name or as its suffix (quantizers_utils.should_convert_module),
-# so the towers need their full prefix; the bare names stay for releases that match substrings.
+# directly) and the towers with their embedders (small, and sensitive to 4-bit error).
+# transformers 5.23 matches these from the start of a module's full name or as its suffix
+# (quantizers_utils.should_convert_module), so the towers need their full prefix (a bare
+# "vision_tower" matched nothing and the towers were quantised); the bare names stay for
+# releases that match substrings.
 NOT_QUANTIZED = ["lm_head", "embed_tokens", "embed_tokens_per_layer", "vision_tower", "audio_tower",
                  "embed_vision", "embed_audio", "model.vision_tower", "model.audio_tower", "model.embed_vision",
                  "model.embed_audio"]
@@ -60,14 +73,25 @@ class Gemma4ForCausalLMHostPLE(hf_gemma4.Gemma4ForCausalLM):
                                                    *(self._keys_to_ignore_on_load_unexpected or ())}
 
 
-class Gemma4ForConditionalGenerationHostPLE(hf_gemma4.Gemma4ForConditionalGeneration):
-    """Gemma4ForConditionalGeneration whose per-layer-embedding table stays in CPU memory."""
+class Gemma4ForConditionalGenerationSomeTowers(hf_gemma4.Gemma4ForConditionalGeneration):
+    """Gemma4ForConditionalGeneration built from a config whose unused towers were removed
+    (towers.keep_towers): the checkpoint keys of those towers are expected and ignored."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        # added to what post_init collected from the text model (its KV-shared layers' K/V, which
+        # the released checkpoints carry): replacing it printed a load report on every load
+        self._keys_to_ignore_on_load_unexpected = {*towers.dropped_tower_keys(config),
+                                                   *(self._keys_to_ignore_on_load_unexpected or ())}
+
+
+class Gemma4ForConditionalGenerationHostPLE(Gemma4ForConditionalGenerationSomeTowers):
+    """... whose per-layer-embedding table also stays in CPU memory."""
 
     def __init__(self, config):
         super().__init__(config)
         ple.use_host_embedding(self.model.language_model)
-        self._keys_to_ignore_on_load_unexpected = {r"embed_tokens_per_layer\.weight",
-                                                   *(self._keys_to_ignore_on_load_unexpected or ())}
+        self._keys_to_ignore_on_load_unexpected.add(r"embed_tokens_per_layer\.weight")
 
 
 def resolve_model_id(model_id: str) -> str:
@@ -180,8 +204,8 @@ def load_model(
     target = pick_device(device)
     compute_dtype, why_dtype = pick_dtype(dtype, target)
     config, hub_kwargs = load_config(model_id, path, **hub_kwargs)
-    text_only = tuple(modalities) == ("text",)
-    model_cls, load_kwargs = _model_class_and_kwargs(config, text_only, offload_per_layer_embeddings)
+    modalities = towers.check_modalities(modalities)
+    model_cls, load_kwargs = _model_class_and_kwargs(config, modalities, offload_per_layer_embeddings)
     if load_in_4bit:
         load_kwargs["quantization_config"] = quantization_config(compute_dtype)
     model = model_cls.from_pretrained(path, dtype=compute_dtype, device_map={"": target}, **load_kwargs,
@@ -195,6 +219,8 @@ def load_model(
     model.gemmatune_use_kernels = use_kernels
     patched = patch_model(model, use_kernels=use_kernels)
     tokenizer = AutoTokenizer.from_pretrained(path, **hub_kwargs)
+    if "audio" in modalities:
+        tokenizer.feature_extractor = audio_feature_extractor(model.config)
     if verbose and distributed.is_main_process():  # under torchrun: once, not once per GPU
         print(describe_model(model, compute_dtype, why_dtype, load_in_4bit))
         print("  kernels: " + ("; ".join(patched) if patched else "off (PyTorch reference code)"))
@@ -205,10 +231,10 @@ def load_model(
     return model, tokenizer
 
 
-def _model_class_and_kwargs(config, text_only: bool, offload_ple: bool):
+def _model_class_and_kwargs(config, modalities: tuple[str, ...], offload_ple: bool):
     """Which class to build and how to map the checkpoint's keys onto it."""
     is_multimodal = config.model_type == "gemma4"
-    if text_only:
+    if modalities == ("text",):
         cls = Gemma4ForCausalLMHostPLE if offload_ple else hf_gemma4.Gemma4ForCausalLM
         if is_multimodal:  # the language model alone, with the checkpoint's keys mapped onto it
             return cls, {"config": config.get_text_config(), "key_mapping": LANGUAGE_MODEL_KEYS}
@@ -216,8 +242,21 @@ def _model_class_and_kwargs(config, text_only: bool, offload_ple: bool):
     if not is_multimodal:
         raise ValueError("image/audio fine-tuning needs a multimodal Gemma 4 checkpoint (model_type 'gemma4'), "
                          f"got model_type={config.model_type!r}: load it with modalities=('text',)")
-    cls = Gemma4ForConditionalGenerationHostPLE if offload_ple else hf_gemma4.Gemma4ForConditionalGeneration
-    return cls, {}
+    for modality in modalities[1:]:
+        if getattr(config, towers.CONFIG_OF[modality]) is None:
+            raise ValueError(f"this checkpoint has no {modality} tower ({towers.CONFIG_OF[modality]} is empty): "
+                             f"load it without {modality!r} in modalities")
+    cls = Gemma4ForConditionalGenerationHostPLE if offload_ple else Gemma4ForConditionalGenerationSomeTowers
+    return cls, {"config": towers.keep_towers(config, modalities)}
+
+
+def audio_feature_extractor(config):
+    """transformers' Gemma 4 audio feature extractor (numpy only) for this model's audio tower.
+    The tower fixes the mel-bin count: its first convolution's channel count is also the input
+    width its projection is built for (Gemma4AudioSubSampleConvProjection)."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    return Gemma4AudioFeatureExtractor(feature_size=config.audio_config.subsampling_conv_channels[0])
 
 
 def describe_model(model, compute_dtype, why_dtype: str, load_in_4bit: bool) -> str:
@@ -233,6 +272,11 @@ def describe_model(model, compute_dtype, why_dtype: str, load_in_4bit: bool) -> 
         f"  compute dtype {str(compute_dtype).replace('torch.', '')}: {why_dtype}",
         f"  4-bit NF4 + double quantisation: {n_4bit} linear layers" if load_in_4bit else "  no quantisation",
     ]
+    for modality, tower in towers.towers_of(model).items():
+        n = sum(p.numel() for p in tower.parameters())
+        dtype = str(next(tower.parameters()).dtype).replace("torch.", "")
+        lines.append(f"  {modality} tower: {n / 1e6:,.1f} M parameters in {dtype}, frozen (run without keeping "
+                     f"activations) unless add_lora(train_{'vision' if modality == 'image' else 'audio'}_tower=True)")
     for m in host:
         lines.append(f"  per-layer embeddings in CPU memory: {m.num_embeddings * m.embedding_dim / 1e6:,.1f} M "
                      f"parameters ({m.table.numel() * m.table.element_size() / 2**30:.2f} GiB) kept off the GPU")

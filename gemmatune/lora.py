@@ -1,9 +1,14 @@
-"""LoRA adapters on Gemma 4's language model, by exact module name.
+"""LoRA adapters on Gemma 4's language model (and optionally its towers), by exact module name.
 
 Why not peft's usual `target_modules=["q_proj", ...]`: on a multimodal Gemma 4 that list
 also matches the towers' `Gemma4ClippableLinear` wrappers, which peft rejects, and on any
 Gemma 4 it would match K/V projections of KV-shared layers, which those layers never run
 (they reuse an earlier layer's K/V). We list the language model's projections ourselves.
+
+The towers' projections are all `Gemma4ClippableLinear` (a clamp around an `nn.Linear`):
+a tower's adapters go on the inner `.linear` of every such layer inside that tower's layers
+(`tower_targets`), never on the other tower, and the projectors (`embed_vision`/`embed_audio`:
+tower width -> language-model width) only when asked.
 """
 import contextlib
 import re
@@ -13,6 +18,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
+from gemmatune import towers
 from gemmatune.errors import CheckpointError
 from gemmatune.patching import patch_lora
 
@@ -37,6 +43,42 @@ def language_model_targets(model: nn.Module, targets=DEFAULT_TARGETS) -> list[st
     return names
 
 
+def tower_targets(model: nn.Module, modality: str) -> list[str]:
+    """Full names of the linears to adapt in one tower ("image" or "audio"): the inner
+    `.linear` of each Gemma4ClippableLinear in its layers (attention, MLP / feed-forward,
+    light convolution)."""
+    in_layers = re.compile(rf"(?:^|\.){towers.TOWERS[modality][0]}\.(?:encoder\.)?layers\.\d+\.")
+    names = [f"{name}.linear" for name, module in model.named_modules()
+             if type(module).__name__ == "Gemma4ClippableLinear" and in_layers.search(name)]
+    if not names:
+        raise ValueError(f"no {modality} tower in {type(model).__name__}: load the model with "
+                         f"gemmatune.load_model(..., modalities=('text', {modality!r}))")
+    return names
+
+
+def projector_target(model: nn.Module, modality: str) -> str:
+    """Full name of the projection from a tower's output into the language model's width."""
+    embedder = towers.TOWERS[modality][1]
+    return next(name for name, _ in model.named_modules() if name.endswith(f"{embedder}.embedding_projection"))
+
+
+def lora_targets(model: nn.Module, targets=DEFAULT_TARGETS, train_vision_tower: bool = False,
+                 train_audio_tower: bool = False, train_projectors: bool = False) -> list[str]:
+    """Every module add_lora puts an adapter on, by full name (see the module docstring).
+    `train_projectors` adds the projectors of the towers the model has."""
+    names = language_model_targets(model, targets)
+    loaded = towers.towers_of(model)
+    for modality, train in (("image", train_vision_tower), ("audio", train_audio_tower)):
+        if train:
+            names += tower_targets(model, modality)
+    if train_projectors:
+        if not loaded:
+            raise ValueError("train_projectors=True: this model has no vision or audio tower; load it with "
+                             "gemmatune.load_model(..., modalities=('text', 'image')) or ('text', 'audio')")
+        names += [projector_target(model, modality) for modality in loaded]
+    return names
+
+
 def _kv_shared_layers(model: nn.Module) -> set[int]:
     return {
         module.layer_idx
@@ -52,18 +94,26 @@ def add_lora(
     dropout: float = 0.0,
     target_modules=DEFAULT_TARGETS,
     seed: int = 3407,
+    train_vision_tower: bool = False,
+    train_audio_tower: bool = False,
+    train_projectors: bool = False,
 ) -> PeftModel:
     """Freeze the model and add LoRA adapters (rank `r`, scale alpha/r) to its projections.
 
+    By default only the language model gets adapters and the towers stay frozen (they then
+    run without keeping activations). `train_vision_tower` / `train_audio_tower` add adapters
+    to that tower's layers (gradient-checkpointed while training); `train_projectors` to the
+    projections from the towers into the language model.
     Adapter weights are float32 (stable updates with 8-bit AdamW); the frozen base stays in
     its 4-bit/compute dtype. Returns the peft model; train it with `gemmatune.train`.
     """
     torch.manual_seed(seed)
     for param in model.parameters():
         param.requires_grad_(False)
+    names = lora_targets(model, target_modules, train_vision_tower, train_audio_tower, train_projectors)
     config = LoraConfig(
         r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout, bias="none",
-        target_modules=language_model_targets(model, target_modules), task_type="CAUSAL_LM",
+        target_modules=names, task_type="CAUSAL_LM",
     )
     with _quiet_peft():
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=True)
@@ -82,9 +132,20 @@ def _quiet_peft():
 
 
 def trainable_parameters(model: nn.Module) -> str:
+    """How many parameters train, of how many; with tower adapters, where they are."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+    line = f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+    parts = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = next((m for m, names in towers.TOWERS.items() if any(f".{n}." in f".{name}" for n in names)),
+                        "language model")
+            parts[part] = parts.get(part, 0) + param.numel()
+    if set(parts) - {"language model"}:
+        where = {"image": "vision tower + projector", "audio": "audio tower + projector"}
+        line += ": " + ", ".join(f"{where.get(k, k)} {v:,}" for k, v in parts.items())
+    return line
 
 
 def load_adapter(model: nn.Module, path, trainable: bool = False) -> PeftModel:

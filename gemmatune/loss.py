@@ -7,11 +7,18 @@ decoder to its last hidden state and hand it to the fused linear cross-entropy k
 The loss is a *sum* divided by `normalizer`, the number of label tokens in the whole
 optimizer step (all gradient-accumulation micro-batches): averaging per micro-batch
 instead would weight a token in a short batch more than one in a long batch.
+
+A multimodal model (Gemma4ForConditionalGeneration) takes the same path in two halves:
+gemmatune.towers turns the batch into input embeddings (images' and clips' soft tokens in
+their placeholders' positions, frozen towers under no_grad), then the language model runs on
+them (`language_model_loss`, which gemmatune.graphs can replay as a CUDA graph). Labels are
+the data's: gemmatune.data never puts a label on a placeholder, so no soft token is trained.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemmatune import towers
 from gemmatune.patching import builds_own_masks
 
 IGNORE_INDEX = -100
@@ -41,16 +48,18 @@ def is_right_padded(attention_mask: torch.Tensor | None) -> bool:
 
 
 def without_needless_mask(batch: dict) -> dict:
-    """The batch minus the attention mask of a right-padded text batch.
+    """The batch minus the attention mask of a right-padded batch.
 
     Why drop it: with right padding a causal token never attends to the padding after it,
     so the mask changes no trained token. Keeping it is harmful: in a sliding-window layer a
     padding position more than a window past the last real token has no key left to attend
     to, its softmax is 0/0, and the NaN flows back into every LoRA gradient through the
-    zero-weighted loss (tests/test_graphs.py). Image/audio batches keep their mask.
+    zero-weighted loss (tests/test_graphs.py). The same holds with images and audio: E2B/E4B
+    attend causally over image tokens too (gemmatune.towers), and the towers have their own
+    masks (image_position_ids, input_features_mask), which stay.
     Call it on the CPU batch where possible: on a GPU mask the check waits for the GPU.
     """
-    if set(batch) - {"labels"} == {"input_ids", "attention_mask"} and is_right_padded(batch["attention_mask"]):
+    if "attention_mask" in batch and is_right_padded(batch["attention_mask"]):
         return {k: v for k, v in batch.items() if k != "attention_mask"}
     return batch
 
@@ -63,11 +72,40 @@ def model_inputs(batch: dict) -> dict:
 def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool = True) -> torch.Tensor:
     """sum of token losses in `batch` / `normalizer`, via the fused kernel or plain PyTorch."""
     base = unwrap(model)
+    inner = towers.multimodal_model(base)
+    if inner is not None:  # image/audio-capable model: towers, then the language model
+        inputs = without_needless_mask(batch)
+        embeds = towers.embed_inputs(inner, inputs)
+        text_ids = towers.text_token_ids(inputs["input_ids"], base.config)
+        return language_model_loss(base, embeds, text_ids, batch["labels"], normalizer, fused,
+                                   attention_mask=inputs.get("attention_mask"))
     inputs = model_inputs(batch)
     if "attention_mask" not in inputs and builds_own_masks(base.model):
         inputs["attention_mask"] = {kind: None for kind in set(base.config.get_text_config().layer_types)}
     hidden = base.model(**inputs, use_cache=False).last_hidden_state
-    labels = shifted_labels(batch["labels"]).to(hidden.device)
+    return hidden_states_loss(base, hidden, batch["labels"], normalizer, fused)
+
+
+def language_model_loss(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor,
+                        normalizer, fused: bool = True, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of a Gemma4ForConditionalGeneration's language model run on `inputs_embeds`
+    (from towers.embed_inputs); `text_ids` (placeholders as the pad id) pick the per-layer
+    embeddings. No attention mask means a right-padded batch (see without_needless_mask)."""
+    text_model = base.model.language_model
+    per_layer_inputs = None
+    if text_model.hidden_size_per_layer_input:  # (ids, None): transformers 5.17 has no default for the second
+        per_layer_inputs = text_model.get_per_layer_inputs(text_ids, None)
+    if attention_mask is None and builds_own_masks(text_model):
+        attention_mask = {kind: None for kind in set(text_model.config.layer_types)}
+    hidden = text_model(inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, attention_mask=attention_mask,
+                        use_cache=False).last_hidden_state
+    return hidden_states_loss(base, hidden, labels, normalizer, fused)
+
+
+def hidden_states_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, normalizer,
+                       fused: bool = True) -> torch.Tensor:
+    """LM head + final-logit softcap + cross-entropy of the last hidden states, summed / normalizer."""
+    labels = shifted_labels(labels).to(hidden.device)
     softcap = base.config.get_text_config().final_logit_softcapping
     weight = base.lm_head.weight
     if fused:

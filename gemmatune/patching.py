@@ -20,7 +20,17 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
   NF4 dequantisation + matmul (bitsandbytes' forward can rewrite the weight in place on some
   CPUs, see NF4Linear4bit);
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
-  (Gemma's activations can exceed 65504 on a T4, turning the loss into inf/NaN).
+  (Gemma's activations can exceed 65504 on a T4, turning the loss into inf/NaN);
+- always: the audio tower's layers -> CheckpointedAudioLayer, which can be gradient-
+  checkpointed like the text and vision layers (transformers' audio layer cannot); it is,
+  while the audio tower has adapters (enable_gradient_checkpointing).
+The vision tower's and the embedders' norms are Gemma4RMSNorm too and take the kernel (the
+same formula; compared with transformers + peft in tests/test_multimodal_model.py); the
+towers' attention and MLPs stay stock. The audio tower stays stock entirely: its layers
+modify norm outputs in place (`hidden_states *= scale`, `+= residual`), which the kernel's
+autograd function forbids when the tower trains. No fp16 fix is needed in the audio tower:
+its attention computes the scores and applies the -1e9 mask value in float32 (transformers
+5.17 and 5.23; checked in fp16 with fully masked rows in tests/test_multimodal_model.py).
 The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
 """
 import functools
@@ -29,6 +39,7 @@ import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
+from gemmatune import towers
 from gemmatune.attention import (attention_math, flash_window_available, sliding_window_attention,
                                  use_math_attention)
 from gemmatune.kernels._backend import kernels_enabled
@@ -96,6 +107,22 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
                             dropout=self.attention_dropout if self.training else 0.0,
                             sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
+class CheckpointedAudioLayer(hf_gemma4.Gemma4AudioLayer):
+    """Gemma4AudioLayer (a plain nn.Module in transformers, unlike the text and vision layers)
+    with the same switch as transformers' GradientCheckpointingLayer: when
+    `gradient_checkpointing` is set (gemmatune.checkpointing.set_layer_checkpointing), a
+    training forward that needs gradients runs under the layer's checkpoint function."""
+
+    gradient_checkpointing = False
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            layer = functools.partial(super().forward, attention_mask=attention_mask,
+                                      position_embeddings=position_embeddings, **kwargs)
+            return self._gradient_checkpointing_func(layer, hidden_states)
+        return super().forward(hidden_states, attention_mask, position_embeddings, **kwargs)
 
 
 def builds_own_masks(text_model: nn.Module) -> bool:
@@ -192,8 +219,10 @@ def patch_model(model: nn.Module, use_kernels: bool = True) -> list[str]:
         swaps = {hf_gemma4.Gemma4RMSNorm: KernelRMSNorm, hf_gemma4.Gemma4TextMLP: KernelGemma4MLP,
                  hf_gemma4.Gemma4TextAttention: KernelGemma4Attention}
         counts = {}
+        audio = towers.towers_of(model).get("audio")
+        in_audio_tower = {id(m) for m in audio.modules()} if audio is not None else set()
         for module in model.modules():
-            new_class = swaps.get(type(module))
+            new_class = swaps.get(type(module)) if id(module) not in in_audio_tower else None
             if new_class is not None:
                 _swap_class(model, module, new_class)
                 counts[new_class.__name__] = counts.get(new_class.__name__, 0) + 1
@@ -201,6 +230,11 @@ def patch_model(model: nn.Module, use_kernels: bool = True) -> list[str]:
     n_4bit = _patch_4bit_layers(model)
     if n_4bit:
         report.append(f"{n_4bit} 4-bit layers -> gemmatune's NF4 path")
+    audio_layers = [m for m in model.modules() if type(m) is hf_gemma4.Gemma4AudioLayer]
+    for layer in audio_layers:
+        _swap_class(model, layer, CheckpointedAudioLayer)
+    if audio_layers:
+        report.append(f"{len(audio_layers)} audio layers -> CheckpointedAudioLayer")
     if _compute_dtype(model) == torch.float16 and not model.gemmatune_hooks:
         report.append(f"{_add_fp16_clamps(model)} fp16 overflow clamps")
     return report
@@ -264,7 +298,11 @@ def _add_fp16_clamps(model: nn.Module) -> int:
 
 
 def enable_gradient_checkpointing(model: nn.Module, mode: str = "offload") -> None:
-    """Checkpoint every decoder layer ("offload": saved inputs in CPU memory; "on"; "off")."""
+    """Checkpoint every decoder layer of the language model ("offload": saved inputs in CPU
+    memory; "on"; "off"). A tower's layers are checkpointed ("on", in place: they are short)
+    only while the tower has trainable adapters: a frozen tower runs under no_grad
+    (gemmatune.towers), keeps nothing, and copying its layers' inputs would be wasted work.
+    Call it after add_lora (gemmatune.train does)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from gemmatune.checkpointing import set_layer_checkpointing
@@ -273,4 +311,10 @@ def enable_gradient_checkpointing(model: nn.Module, mode: str = "offload") -> No
         mode = "on"
     elif mode in (False, None):
         mode = "off"
-    set_layer_checkpointing([m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)], mode)
+    tower_layers = set()
+    for tower in towers.towers_of(model).values():
+        layers = [m for m in tower.modules() if isinstance(m, (GradientCheckpointingLayer, CheckpointedAudioLayer))]
+        tower_layers.update(id(m) for m in layers)
+        set_layer_checkpointing(layers, "on" if mode != "off" and towers.is_trained(tower) else "off")
+    set_layer_checkpointing([m for m in model.modules()
+                             if isinstance(m, GradientCheckpointingLayer) and id(m) not in tower_layers], mode)

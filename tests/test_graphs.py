@@ -60,12 +60,14 @@ def loss_and_grads(model, inputs, labels, n):
     return loss.detach(), lora_grads(model)
 
 
-def test_model_inputs_drops_only_a_right_padded_text_mask():
+def test_model_inputs_drops_only_a_right_padded_mask():
     mask = torch.tensor([[1, 1, 0]])
     assert set(model_inputs({"input_ids": mask, "attention_mask": mask, "labels": mask})) == {"input_ids"}
     left = torch.tensor([[0, 1, 1]])
     assert "attention_mask" in model_inputs({"input_ids": left, "attention_mask": left})
-    assert "attention_mask" in model_inputs({"input_ids": mask, "attention_mask": mask, "pixel_values": mask})
+    # image batches too (E2B/E4B attend causally over image tokens); the towers' own masks stay
+    media = model_inputs({"input_ids": mask, "attention_mask": mask, "pixel_values": mask, "image_position_ids": mask})
+    assert set(media) == {"input_ids", "pixel_values", "image_position_ids"}
 
 
 def test_right_padded_batch_needs_no_attention_mask(tiny_dir):
