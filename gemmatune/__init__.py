@@ -20,7 +20,7 @@ def _drop_bitsandbytes_cpu_kernel_notice() -> None:
 
 _drop_bitsandbytes_cpu_kernel_notice()
 
-from gemmatune.chat import chat  # noqa: E402
+from gemmatune.chat import chat, generate_replies  # noqa: E402
 from gemmatune.data import load_hub_dataset, prepare_dataset, show_example  # noqa: E402
 from gemmatune.loader import load_model  # noqa: E402
 from gemmatune.lora import add_lora, load_adapter, trainable_parameters  # noqa: E402
@@ -32,5 +32,5 @@ from gemmatune.trainer import TrainConfig, TrainResult, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "chat", "choose_model_and_data",
-           "load_adapter", "load_hub_dataset", "load_model", "predict_peak_gib", "prepare_dataset", "save_adapter",
-           "show_example", "train", "trainable_parameters"]
+           "generate_replies", "load_adapter", "load_hub_dataset", "load_model", "predict_peak_gib",
+           "prepare_dataset", "save_adapter", "show_example", "train", "trainable_parameters"]

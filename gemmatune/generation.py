@@ -257,7 +257,8 @@ def decode_step(parts: ModelParts, state: DecodeState, sampling: Sampling) -> No
     seen = (k[None, :] >= state.pad[:, None]) & (k[None, :] <= t)
     sliding = seen & (k[None, :] > t - parts.window)
     text = parts.text_model
-    out = text(inputs_embeds=text.embed_tokens(state.ids), per_layer_inputs=parts.per_layer_rows(state.ids, state.ple_out),
+    rows = parts.per_layer_rows(state.ids, state.ple_out)
+    out = text(inputs_embeds=text.embed_tokens(state.ids), per_layer_inputs=rows,
                attention_mask=parts.masks(seen[:, None, None], sliding[:, None, None]),
                position_ids=(t - state.pad)[:, None], past_key_values=state.cache, use_cache=True)
     logits = parts.logits(out.last_hidden_state[:, -1:])
@@ -374,10 +375,11 @@ def decode(decoder: Decoder, parts: ModelParts, state: DecodeState, prompt: int,
     """Steps until every row stopped or max_new_tokens; returns the new tokens (B, n) on the CPU."""
     pending, launched = deque([_HostCopy(state.seq[:, prompt:prompt + 1])]), 1  # the prefill's token
     chunks, open_rows, n_tokens = [], set(range(state.batch)), 0
+    chunk = CHUNK if parts.device.type == "cuda" else 1  # on a CPU every step waits anyway: no steps wasted
 
     def launch_chunk():
         nonlocal launched
-        k = min(CHUNK, max_new_tokens - launched)
+        k = min(chunk, max_new_tokens - launched)
         for _ in range(k):
             decoder.step(parts, state, sampling, use_graph)
         pending.append(_HostCopy(state.seq[:, prompt + launched:prompt + launched + k]))
@@ -385,7 +387,7 @@ def decode(decoder: Decoder, parts: ModelParts, state: DecodeState, prompt: int,
 
     while pending:
         copy = pending.popleft()
-        if launched < max_new_tokens:
+        if launched < max_new_tokens and parts.device.type == "cuda":
             launch_chunk()  # keeps the GPU busy while the host reads the previous chunk
         tokens = copy.wait()
         chunks.append(tokens)
@@ -398,6 +400,8 @@ def decode(decoder: Decoder, parts: ModelParts, state: DecodeState, prompt: int,
             open_rows -= {row for row in open_rows if int(tokens[row, i]) in stop_ids}
         if not open_rows:
             break
+        if launched < max_new_tokens and not pending:
+            launch_chunk()
     if parts.device.type == "cuda":
         torch.cuda.current_stream().synchronize()  # steps queued past the last stop finish here
     return torch.cat(chunks, dim=1)[:, :n_tokens]
