@@ -41,6 +41,7 @@ from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
 from gemmatune.kernels import lora_nf4_linear
 from gemmatune.kernels.row_gather import can_gather_on_device, gather_rows
+from gemmatune.patching import lora_weights_for_decoding
 from gemmatune.ple import HostEmbedding
 
 CHUNK = 8              # decode steps between two reads of the generated tokens by the host
@@ -89,6 +90,7 @@ class StaticKVCache:
     written are excluded by the masks. Buffers are created at the first update (the prefill)."""
 
     is_compileable = False  # transformers reads this; the masks are ours, not built from the cache
+    is_gemmatune_static = True  # patching.KernelGemma4Attention takes its fused decode path for it
 
     def __init__(self, batch: int, length: int):
         self.batch, self.length = batch, length
@@ -312,25 +314,27 @@ def capture(step) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def model_signature(model: nn.Module) -> tuple:
+def model_signature(model: nn.Module, lora_copies=()) -> tuple:
     """Changes whenever a captured graph could be stale: parameters moved or replaced, modules
-    swapped (patching, adapters added), adapters merged, switched or disabled."""
+    swapped (patching, adapters added), adapters merged, switched or disabled, the decode copies
+    of the adapter weights (patching.lora_weights_for_decoding) re-made."""
     params = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
     modules = tuple(type(m) for m in model.modules())
     tables = tuple(m.table.data_ptr() for m in model.modules() if isinstance(m, HostEmbedding) and m.table is not None)
     adapters = tuple((getattr(m, "merged", None), str(getattr(m, "active_adapters", None)),
                       getattr(m, "disable_adapters", None))
                      for m in model.modules() if hasattr(m, "lora_A"))
-    return params, modules, tables, adapters
+    copies = tuple((a.data_ptr(), b.data_ptr()) for _, a, b in lora_copies)
+    return params, modules, tables, adapters, copies
 
 
 _DECODERS: "weakref.WeakKeyDictionary[nn.Module, Decoder]" = weakref.WeakKeyDictionary()
 
 
-def decoder_of(model: nn.Module, parts: ModelParts) -> Decoder:
+def decoder_of(model: nn.Module, parts: ModelParts, lora_copies=()) -> Decoder:
     """The decoder kept for this model's text model (the same object before and after add_lora,
     so a stale one is replaced, not left behind). Weakly keyed: it goes when the model goes."""
-    signature = model_signature(model)
+    signature = model_signature(model, lora_copies)
     decoder = _DECODERS.get(parts.text_model)
     if decoder is None or decoder.signature != signature:
         decoder = _DECODERS[parts.text_model] = Decoder(signature)
@@ -429,7 +433,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         raise ValueError("streaming works for one prompt at a time; pass streamer=None for a batch")
     if seed is not None:
         torch.manual_seed(seed)
-    with _eval_mode(model):
+    dtype = parts.dtype if parts is not None else torch.float32
+    with _eval_mode(model), lora_weights_for_decoding(model, dtype) as lora_copies:
         fallback = why_not_fast(parts, model_inputs)
         if fallback is not None:
             return _stock_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id,
@@ -439,7 +444,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
             return input_ids.new_zeros((input_ids.shape[0], 0)).cpu()
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        decoder = decoder_of(model, parts)
+        decoder = decoder_of(model, parts, lora_copies)
         prompt = input_ids.shape[1]
         length = -(-(prompt + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         state = decoder.state(parts, input_ids.shape[0], length, stop_ids, sampling)

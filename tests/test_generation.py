@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import gemmatune
-from gemmatune import generation
+from gemmatune import generation, patching
 from gemmatune.chat import _reply_streamer, left_padded, stop_token_ids
 from gemmatune.generation import generate
 from tests.conftest import load_tiny
@@ -111,15 +111,33 @@ def test_after_load_adapter(tmp_path):
 
 
 def test_kernels_and_4bit_lora(monkeypatch):
-    """Triton kernels on (the interpreter): NF4 + LoRA layers and the PLE rows gathered by the
-    row-gather kernel inside each decode step."""
+    """Triton kernels on (the interpreter, slow: few tokens): NF4 + LoRA layers through the NF4
+    GEMV with the adapters' decode copies, the fused norm + RoPE attention on the static cache, and
+    the PLE rows gathered by the row-gather kernel inside each decode step. The stock generate runs
+    the same patched model (its steps take the GEMV too; kernels/test_nf4_gemv.py checks it)."""
     monkeypatch.setenv("GEMMATUNE_KERNELS", "1")
     model, tokenizer = varied_model(lora=True, load_in_4bit=True, use_kernels=True)
     assert "KernelLoRALinear4bit" in {type(m).__name__ for m in model.modules()}
     parts = generation.ModelParts.of(model)
-    state = generation.DecodeState(parts, 2, 256, [])
-    assert state.ple_out is not None  # decode steps read the rows through the kernel
-    assert_same_as_stock(model, tokenizer, prompts((9, 20)), max_new_tokens=8)
+    assert generation.DecodeState(parts, 2, 256, []).ple_out is not None  # rows through the kernel
+    calls = {"gemv": 0, "static attention": 0}
+    count(monkeypatch, patching, "nf4_gemv", calls, "gemv")
+    count(monkeypatch, patching, "static_cache_attention", calls, "static attention")
+    input_ids, attention_mask = left_padded(prompts((9, 20)), 0)
+    stops = stop_token_ids(tokenizer)
+    got = generate(model, input_ids, attention_mask, max_new_tokens=4, stop_token_ids=stops)
+    assert calls["gemv"] > 0 and calls["static attention"] > 0
+    assert torch.equal(got, stock(model, input_ids, attention_mask, 4, stops))
+
+
+def count(monkeypatch, module, name, calls, key):
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
 
 
 def test_images_and_audio_in_the_prompt():

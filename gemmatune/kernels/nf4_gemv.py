@@ -39,6 +39,7 @@ from .nf4 import BLOCKSIZES, dequantize_nf4_reference
 MAX_ROWS = 16     # up to this many x rows (decoding a batch of 16); beyond it a GEMM wins
 BLOCK_N = 4       # output rows per program
 NUM_WARPS = 4
+INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB = 64, 512  # the interpreter (CPU) pays per program: big tiles
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -138,16 +139,16 @@ def nf4_gemv_forward(x2, packed, quant_state, bias=None, lora=None):
         t = lora_b = x2  # unused
         scale, r = 0.0, 1
     block_m = triton.next_power_of_2(M)
-    block_kb = max(16, 256 // block_m)
+    block_n, block_kb = (BLOCK_N, max(16, 256 // block_m)) if x2.is_cuda else (INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB)
     packed = packed.contiguous()
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
-    _nf4_gemv_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _nf4_gemv_kernel[(triton.cdiv(N, block_n),)](
         x2, packed, absmax, code, absmax2, code2, offset, bias if bias is not None else x2, t, lora_b, y,
         M, N, K, r, x2.stride(0), t.stride(0), lora_b.stride(0), y.stride(0), float(scale),
         BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, NESTED=qs.nested, HAS_BIAS=bias is not None,
         HAS_LORA=lora is not None, W_DTYPE=_TRITON_DTYPES[_rounding_dtype(qs, x2.dtype)],
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_KB=block_kb, BLOCK_R=max(16, triton.next_power_of_2(r)),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_R=max(16, triton.next_power_of_2(r)),
         num_warps=NUM_WARPS)
     return y
 
