@@ -31,13 +31,14 @@ def reference_kernels(monkeypatch):
 def varied_model(lora=False, load_in_4bit=False, use_kernels=False, seed=0, **kwargs):
     model, tokenizer = load_tiny(load_in_4bit=load_in_4bit, use_kernels=use_kernels, **kwargs)
     g = torch.Generator().manual_seed(seed)
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape, generator=g))
+    head = model.lm_head.weight
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(head.shape, generator=g).to(head.device, head.dtype))
     if lora:
         model = gemmatune.add_lora(model, r=8)
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.3)  # copy_ moves it to param's device
     return model, tokenizer
 
 
@@ -273,3 +274,32 @@ def test_a_model_without_the_fast_path_uses_the_stock_generate(monkeypatch):
     ids, mask = left_padded(prompts(), 0)
     got = generate(model, ids, mask, max_new_tokens=12, stop_token_ids=[1, 6])
     assert len(calls) == 1 and torch.equal(got, stock(model, ids, mask, 12, [1, 6]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_gpu_graphed_decode_equals_eager_decode_and_stock(monkeypatch, dtype):
+    """On CUDA: the decode steps replayed as a CUDA graph give the eager steps' tokens, a second
+    call replays the kept graph, and in fp32 both equal the stock generate (in bf16/fp16 the fused
+    norm + RoPE rounds differently from transformers' code, so only graph == eager is exact)."""
+    monkeypatch.setenv("GEMMATUNE_KERNELS", "1")
+    model, tokenizer = varied_model(lora=True, load_in_4bit=True, use_kernels=True, dtype=dtype)
+    parts = generation.ModelParts.of(model)
+    assert parts.device.type == "cuda" and generation.why_not_graphed(parts) is None
+    input_ids, attention_mask = left_padded(prompts(), 0)
+    stops = stop_token_ids(tokenizer)
+    eager = generate(model, input_ids, attention_mask, max_new_tokens=40, stop_token_ids=stops, cuda_graphs=False)
+    graphed = generate(model, input_ids, attention_mask, max_new_tokens=40, stop_token_ids=stops)
+    (state,) = generation._DECODERS[parts.text_model].states.values()
+    assert state.graph is not None
+    again = generate(model, input_ids, attention_mask, max_new_tokens=40, stop_token_ids=stops)
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
+    if dtype == "float32":
+        assert torch.equal(graphed, stock(model, input_ids.cuda(), attention_mask.cuda(), 40, stops).cpu())
+    one = generate(model, input_ids[2:], attention_mask[2:], max_new_tokens=30, stop_token_ids=stops)
+    assert torch.equal(one, generate(model, input_ids[2:], attention_mask[2:], max_new_tokens=30,
+                                     stop_token_ids=stops, cuda_graphs=False))
+    sampled = [generate(model, input_ids, attention_mask, max_new_tokens=20, temperature=1.0, top_k=50, seed=s)
+               for s in (3, 3, 4)]
+    assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])

@@ -28,6 +28,8 @@ them); the chunk narrows as M grows so the (M, BLOCK_N, chunk) product stays in 
 
 Reference: `nf4_gemv_reference` (dequantise with the PyTorch reference, then F.linear + LoRA).
 """
+import os
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -98,10 +100,17 @@ def _rounding_dtype(quant_state, dtype: torch.dtype) -> torch.dtype:
     return dtype if quant_state.dtype in (dtype, torch.float32) else quant_state.dtype
 
 
+def gemv_enabled() -> bool:
+    """GEMMATUNE_NF4_GEMV=0 sends decoding through the dequantise + GEMM path (for comparisons)."""
+    return os.environ.get("GEMMATUNE_NF4_GEMV", "1") != "0"
+
+
 def gemv_supported(x: torch.Tensor, packed: torch.Tensor, quant_state) -> bool:
     """This kernel can compute the layer for x: few rows, a 2-D NF4 weight with an even row
     length, a supported blocksize, and a device/dtype where Triton runs (use_triton)."""
-    if quant_state is None or quant_state.quant_type != "nf4" or len(quant_state.shape) != 2:
+    if not gemv_enabled() or quant_state is None:
+        return False
+    if quant_state.quant_type != "nf4" or len(quant_state.shape) != 2:
         return False
     in_features = quant_state.shape[1]
     rows = x.numel() // max(x.shape[-1], 1)
@@ -139,7 +148,10 @@ def nf4_gemv_forward(x2, packed, quant_state, bias=None, lora=None):
         t = lora_b = x2  # unused
         scale, r = 0.0, 1
     block_m = triton.next_power_of_2(M)
-    block_n, block_kb = (BLOCK_N, max(16, 256 // block_m)) if x2.is_cuda else (INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB)
+    if x2.is_cuda:
+        block_n, block_kb = BLOCK_N, max(16, 256 // block_m)  # the (M, BLOCK_N, chunk) product stays in registers
+    else:
+        block_n, block_kb = INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB
     packed = packed.contiguous()
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
