@@ -82,10 +82,10 @@ def measure(run, batch: int, new_tokens: int, repeats: int) -> dict:
     one = statistics.median(timed(lambda: run(ids, mask, 1)) for _ in range(3))
     full = statistics.median(timed(lambda: run(ids, mask, new_tokens)) for _ in range(repeats)) if repeats else first
     decode_s = max(full - one, 1e-9)
+    peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
     return dict(batch=batch, new_tokens=new_tokens, decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,
                 end_to_end_tokens_per_s=batch * new_tokens / full, call_s=full, prefill_and_first_token_s=one,
-                first_call_s=first, peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available()
-                else 0.0)
+                first_call_s=first, peak_allocated_gib=peak)
 
 
 def add_random_lora_b(model) -> None:
@@ -314,7 +314,8 @@ def print_table(records: list[dict]) -> None:
     print(f"\n{'model':5} {'stack':9} {'dtype':5} {'lora':5} {'variant':20} {'batch':>5} {'new':>4} "
           f"{'decode tok/s':>12} {'vs hf':>7} {'first call s':>12} {'peak GiB':>8}")
     for r in records:
-        head = f"{r['model']:5} {r.get('stack', '?'):9} {r['dtype']:5} {str(r.get('lora', '')):5} {r.get('variant', ''):20}"
+        head = (f"{r['model']:5} {r.get('stack', '?'):9} {r['dtype']:5} {str(r.get('lora', '')):5} "
+                f"{r.get('variant', ''):20}")
         if "error" in r:
             print(f"{head} ERROR {r['error'][-300:]}")
         elif "checks" in r:
