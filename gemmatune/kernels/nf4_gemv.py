@@ -23,8 +23,7 @@ once. So y differs from the dequantise + GEMM path only in the order of the fp32
 
 Layout: a program owns BLOCK_N output rows and walks K in chunks of BLOCK_KB packed bytes (2 *
 BLOCK_KB weights); the x rows of the chunk are loaded as even and odd columns, which meet the
-high and low nibbles of each byte. Small BLOCK_N keeps many programs in flight (N / BLOCK_N of
-them); the chunk narrows as M grows so the (M, BLOCK_N, chunk) product stays in registers.
+high and low nibbles of each byte. See launch_settings for how the tile is shaped.
 
 Reference: `nf4_gemv_reference` (dequantise with the PyTorch reference, then F.linear + LoRA).
 """
@@ -38,9 +37,11 @@ import triton.language as tl
 from ._backend import use_triton
 from .nf4 import BLOCKSIZES, dequantize_nf4_reference
 
-MAX_ROWS = 16     # up to this many x rows (decoding a batch of 16); beyond it a GEMM wins
-BLOCK_N = 4       # output rows per program
-NUM_WARPS = 4
+MAX_ROWS = 16          # up to this many x rows (decoding a batch of 16); beyond it a GEMM wins
+# Launch settings on a GPU (see launch_settings; benchmarks/tune_nf4_gemv.py sweeps them): packed
+# bytes per program and loop step at one row of x (divided by the rows' power of two, so the
+# (rows, BLOCK_N, chunk) product stays in registers), the longest chunk of a row, and warps.
+TILE_BYTES, MAX_BLOCK_KB, NUM_WARPS = 4096, 2048, 8
 INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB = 64, 512  # the interpreter (CPU) pays per program: big tiles
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -123,6 +124,19 @@ def gemv_supported(x: torch.Tensor, packed: torch.Tensor, quant_state) -> bool:
     return use_triton(x, packed, quant_state.absmax, probe)
 
 
+def launch_settings(rows: int, in_features: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_KB, num_warps). A decode step's GEMVs are latency-bound: each
+    program's loop over K waits for memory once per step, so the chunk is as long as a row allows
+    (MAX_BLOCK_KB bytes: E2B's down_proj rows of 6144 bytes take 3 steps) and the rows per program
+    fill the rest of TILE_BYTES (short rows: several per program, still N / BLOCK_N programs)."""
+    block_m = triton.next_power_of_2(rows)
+    if not on_gpu:
+        return block_m, INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB, 4
+    tile = max(256, TILE_BYTES // block_m)
+    block_kb = min(MAX_BLOCK_KB, tile, triton.next_power_of_2(max(in_features // 2, 16)))
+    return block_m, max(1, tile // block_kb), block_kb, NUM_WARPS
+
+
 def nf4_gemv_forward(x2, packed, quant_state, bias=None, lora=None):
     """x2 (M, K) contiguous rows; lora = (t (M, r), B (N, r), scale) or None. Returns y (M, N)."""
     M, K = x2.shape
@@ -147,11 +161,7 @@ def nf4_gemv_forward(x2, packed, quant_state, bias=None, lora=None):
     else:
         t = lora_b = x2  # unused
         scale, r = 0.0, 1
-    block_m = triton.next_power_of_2(M)
-    if x2.is_cuda:
-        block_n, block_kb = BLOCK_N, max(16, 256 // block_m)  # the (M, BLOCK_N, chunk) product stays in registers
-    else:
-        block_n, block_kb = INTERPRETER_BLOCK_N, INTERPRETER_BLOCK_KB
+    block_m, block_n, block_kb, warps = launch_settings(M, K, x2.is_cuda)
     packed = packed.contiguous()
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
@@ -161,7 +171,7 @@ def nf4_gemv_forward(x2, packed, quant_state, bias=None, lora=None):
         BLOCKSIZE=qs.blocksize, BLOCKSIZE2=blocksize2, NESTED=qs.nested, HAS_BIAS=bias is not None,
         HAS_LORA=lora is not None, W_DTYPE=_TRITON_DTYPES[_rounding_dtype(qs, x2.dtype)],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KB=block_kb, BLOCK_R=max(16, triton.next_power_of_2(r)),
-        num_warps=NUM_WARPS)
+        num_warps=warps)
     return y
 
 

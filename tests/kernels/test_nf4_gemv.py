@@ -75,6 +75,20 @@ def test_gemv_matches_the_oracle(poison_empty, dtype, nested, with_bias, with_lo
         assert err <= max(ref_err, 2 ** -11), (err, ref_err)
 
 
+@pytest.mark.parametrize("rows, in_f, out_f", [(1, 1536, 37), (1, 4160, 3), (3, 256, 70), (16, 640, 5), (8, 1600, 2)])
+def test_gpu_launch_settings_in_the_interpreter(monkeypatch, rows, in_f, out_f):
+    """The tiles a GPU gets (one row per program, chunks of a whole row, masked tails), run here."""
+    gpu_settings = mod.launch_settings(rows, in_f, on_gpu=True)
+    monkeypatch.setattr(mod, "launch_settings", lambda r, k, on_gpu: gpu_settings)
+    assert gpu_settings[1] * gpu_settings[2] * gpu_settings[0] <= mod.TILE_BYTES  # registers: see launch_settings
+    w4, qs = _weight(out_f, in_f, torch.float32, nested=True, seed=rows)
+    g = torch.Generator().manual_seed(2)
+    x, bias = torch.randn(rows, in_f, generator=g), torch.randn(out_f, generator=g)
+    A, B = torch.randn(4, in_f, generator=g) * 0.05, torch.randn(out_f, 4, generator=g)
+    got = mod.nf4_gemv(x, w4, qs, bias, A, B, 0.5)
+    assert rel_max_err(got, _oracle(x, w4, qs, bias, A, B, 0.5)) < 1e-6  # fp32: only the sum order differs
+
+
 def test_leading_dims_and_the_fallbacks():
     w4, qs = _weight(48, 64, torch.float32, nested=True)
     x = torch.randn(2, 3, 64)
