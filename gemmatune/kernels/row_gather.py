@@ -62,15 +62,37 @@ def gather_rows_forward(table: torch.Tensor, ids: torch.Tensor, out: torch.Tenso
     return out
 
 
+_PROBED: dict[tuple, bool] = {}
+
+
 def can_gather_on_device(table: torch.Tensor, device: torch.device) -> bool:
     """The kernel can read `table` from a kernel running on `device`: the table is on that GPU,
-    or pinned in CPU memory (the interpreter reads any CPU tensor, for the tests)."""
+    or pinned in CPU memory (the interpreter reads any CPU tensor, for the tests). A pinned table
+    is also tried once (its first and last rows): a driver or build that does not map pinned
+    memory for kernels then means "no" instead of a failed generation."""
     if not kernels_enabled():
         return False
     device = torch.device(device)
-    if device.type == "cuda":
-        return table.is_cuda or (table.device.type == "cpu" and table.is_pinned())
-    return interpreter_on() and device.type == "cpu" and table.device.type == "cpu"
+    if device.type != "cuda":
+        return interpreter_on() and device.type == "cpu" and table.device.type == "cpu"
+    if table.is_cuda:
+        return True
+    if table.device.type != "cpu" or not table.is_pinned() or table.dim() != 2 or table.shape[0] == 0:
+        return False
+    key = (table.data_ptr(), tuple(table.shape), table.dtype, str(device))
+    if key not in _PROBED:
+        _PROBED[key] = _reads_pinned_rows(table, device)
+    return _PROBED[key]
+
+
+def _reads_pinned_rows(table: torch.Tensor, device: torch.device) -> bool:
+    try:
+        ids = torch.tensor([0, table.shape[0] - 1], device=device)
+        out = torch.empty((2, table.shape[1]), dtype=table.dtype, device=device)
+        gather_rows_forward(table, ids, out)
+        return torch.equal(out.cpu(), table[[0, -1]])
+    except Exception:  # not readable from the GPU: callers gather through the host instead
+        return False
 
 
 def gather_rows(table: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
