@@ -290,9 +290,12 @@ class Decoder:
         if state.graph is not None:
             state.graph.replay()
             return
-        if not use_graph or self.graphs_off_because or state.steps_seen == 0:
-            state.steps_seen += 1
-            decode_step(parts, state, sampling)  # the first step of a state warms up (Triton, cuBLAS)
+        if not use_graph or self.graphs_off_because:
+            decode_step(parts, state, sampling)
+            return
+        if state.steps_seen == 0:  # the first step of a state warms up (Triton, cuBLAS) and is checked
+            state.steps_seen = 1
+            self.warm_up(parts, state, sampling)
             return
         try:
             state.graph = capture(lambda: decode_step(parts, state, sampling))
@@ -304,6 +307,23 @@ class Decoder:
             decode_step(parts, state, sampling)
             return
         state.graph.replay()  # a capture records the step without running it
+
+    def warm_up(self, parts: ModelParts, state: DecodeState, sampling: Sampling) -> None:
+        """An eager step in which any host synchronisation raises: a step that waits for the host
+        cannot be captured, and a capture that fails part-way can leave CUDA unusable. If it
+        raises, graphs go off and the step is run again normally: everything before commit()
+        (the cache writes at index t) is repeated exactly, and commit() comes last."""
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decode_step(parts, state, sampling)
+        except RuntimeError as error:
+            self.graphs_off_because = f"a decode step waits for the host ({str(error)[:200]})"
+            print(f"gemmatune: CUDA graphs off for generation, {self.graphs_off_because}")
+        else:
+            return
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        decode_step(parts, state, sampling)
 
 
 def capture(step) -> torch.cuda.CUDAGraph:
