@@ -48,6 +48,7 @@ CHUNK = 8              # decode steps between two reads of the generated tokens 
 LENGTH_BUCKET = 256    # static cache lengths are rounded up to a multiple of this
 MAX_STATES = 3         # cache + graph sets kept per model (batch size x length bucket)
 MASK_KINDS = ("full_attention", "sliding_attention")
+STOP_SLOTS = 8         # stop token ids a state holds (a device buffer, -1 for unused slots)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def why_not_graphed(parts: ModelParts) -> str | None:
 class DecodeState:
     """The device buffers of one batch size and cache length, and the CUDA graph of its step."""
 
-    def __init__(self, parts: ModelParts, batch: int, length: int, stop_ids: list[int]):
+    def __init__(self, parts: ModelParts, batch: int, length: int, stop_slots: int = STOP_SLOTS):
         device = parts.device
         self.batch, self.length = batch, length
         self.cache = StaticKVCache(batch, length)
@@ -205,7 +206,7 @@ class DecodeState:
         self.pad = torch.zeros(batch, dtype=torch.long, device=device)            # left padding of each row
         self.unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         self.pad_id = torch.zeros((), dtype=torch.long, device=device)
-        self.stop_ids = torch.tensor(stop_ids or [-1], dtype=torch.long, device=device)
+        self.stop_ids = torch.full((stop_slots,), -1, dtype=torch.long, device=device)
         self.kv_index = torch.arange(length, device=device)
         self.ple_out = None
         table = getattr(parts.text_model, "embed_tokens_per_layer", None)
@@ -215,9 +216,11 @@ class DecodeState:
         self.keep_alive: list = []
         self.steps_seen = 0
 
-    def start(self, input_ids, attention_mask, pad_id: int) -> None:
+    def start(self, input_ids, attention_mask, pad_id: int, stop_ids: list[int]) -> None:
         """Load a new batch of prompts (buffers are reused from call to call)."""
         prompt = input_ids.shape[1]
+        self.stop_ids.fill_(-1)
+        self.stop_ids[:len(stop_ids)] = torch.tensor(stop_ids, dtype=torch.long)
         self.cache.reset()
         self.seq.zero_()
         self.seq[:, :prompt].copy_(input_ids)
@@ -276,13 +279,14 @@ class Decoder:
         self.states: dict[tuple, DecodeState] = {}
         self.graphs_off_because: str | None = None
 
-    def state(self, parts: ModelParts, batch: int, length: int, stop_ids: list[int], sampling: Sampling):
-        key = (batch, length, tuple(stop_ids), sampling)
+    def state(self, parts: ModelParts, batch: int, length: int, n_stops: int, sampling: Sampling):
+        slots = max(STOP_SLOTS, n_stops)
+        key = (batch, length, slots, sampling)
         state = self.states.pop(key, None)
         if state is None:
             if len(self.states) >= MAX_STATES:
                 self.states.pop(next(iter(self.states)))  # the least recently used
-            state = DecodeState(parts, batch, length, stop_ids)
+            state = DecodeState(parts, batch, length, slots)
         self.states[key] = state  # most recently used last
         return state
 
@@ -467,8 +471,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         decoder = decoder_of(model, parts, lora_copies)
         prompt = input_ids.shape[1]
         length = -(-(prompt + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
-        state = decoder.state(parts, input_ids.shape[0], length, stop_ids, sampling)
-        state.start(input_ids, attention_mask, pad_token_id)
+        state = decoder.state(parts, input_ids.shape[0], length, len(stop_ids), sampling)
+        state.start(input_ids, attention_mask, pad_token_id, stop_ids)
         prefill(model, parts, state, input_ids, attention_mask, sampling, model_inputs)
         use_graph = cuda_graphs and why_not_graphed(parts) is None
         tokens = decode(decoder, parts, state, prompt, max_new_tokens, sampling, set(stop_ids), streamer, use_graph)

@@ -13,6 +13,7 @@ import io
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import gemmatune
 from gemmatune import generation, patching
@@ -120,7 +121,7 @@ def test_kernels_and_4bit_lora(monkeypatch):
     model, tokenizer = varied_model(lora=True, load_in_4bit=True, use_kernels=True)
     assert "KernelLoRALinear4bit" in {type(m).__name__ for m in model.modules()}
     parts = generation.ModelParts.of(model)
-    assert generation.DecodeState(parts, 2, 256, []).ple_out is not None  # rows through the kernel
+    assert generation.DecodeState(parts, 2, 256).ple_out is not None  # rows through the kernel
     calls = {"gemv": 0, "static attention": 0}
     count(monkeypatch, patching, "nf4_gemv", calls, "gemv")
     count(monkeypatch, patching, "static_cache_attention", calls, "static attention")
@@ -274,6 +275,70 @@ def test_a_model_without_the_fast_path_uses_the_stock_generate(monkeypatch):
     ids, mask = left_padded(prompts(), 0)
     got = generate(model, ids, mask, max_new_tokens=12, stop_token_ids=[1, 6])
     assert len(calls) == 1 and torch.equal(got, stock(model, ids, mask, 12, [1, 6]))
+
+
+class ReplayedOps(TorchDispatchMode):
+    """Records the ATen ops a step runs, so they can be run again on the same tensors."""
+
+    SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+             torch.ops.aten.nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SYNCS:  # the host would read the GPU: a CUDA graph could not replay this
+            raise RuntimeError(f"the step reads a value on the host ({func})")
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class FakeGraph:
+    """A CUDA graph's semantics on a CPU: the Python code of the step runs once (here, while the
+    ops are recorded, which also runs the step: the replay() right after the capture is skipped,
+    as a real capture runs nothing); every replay runs the same ops on the same tensors, writing
+    each new result into the tensor the recording returned. Any step state kept in Python, or a
+    value baked in at capture that should change (a prompt length, a position), shows up as
+    tokens that differ from the stock generate."""
+
+    def __init__(self, step):
+        self.recorded = ReplayedOps()
+        with self.recorded:
+            step()
+        self.ran_at_capture = True
+
+    def replay(self):
+        if self.ran_at_capture:
+            self.ran_at_capture = False
+            return
+        for func, args, kwargs, out in self.recorded.ops:
+            new = func(*args, **kwargs)
+            aliases = [r.alias_info is not None for r in func._schema.returns]
+            outs, news = (out, new) if isinstance(out, (tuple, list)) else ((out,), (new,))
+            for o, n, alias in zip(outs, news, aliases):
+                if torch.is_tensor(o) and not alias:  # views and in-place ops already wrote their tensors
+                    o.copy_(n)
+
+
+def test_decode_steps_replay_like_a_cuda_graph(monkeypatch):
+    """The graph path on a CPU with FakeGraph: captured once, replayed for every later step of
+    this call and of a later call with other prompts (same batch size and length bucket)."""
+    model, tokenizer = varied_model(lora=True)
+    captures = []
+    monkeypatch.setattr(generation, "why_not_graphed", lambda parts: None)
+    monkeypatch.setattr(generation, "capture", lambda step: captures.append(FakeGraph(step)) or captures[-1])
+    monkeypatch.setattr(generation.Decoder, "warm_up", lambda self, parts, state, sampling:
+                        generation.decode_step(parts, state, sampling))
+    assert_same_as_stock(model, tokenizer, prompts(), max_new_tokens=30)
+    assert len(captures) == 1 and len(captures[0].recorded.ops) > 100
+    assert_same_as_stock(model, tokenizer, prompts((30, 7, 12), seed=4), max_new_tokens=30)  # replays the same graph
+    assert len(captures) == 1
+    sampled = [generate(model, *left_padded(prompts(), 0), max_new_tokens=12, temperature=1.0, top_k=20, seed=s)
+               for s in (2, 2)]
+    assert torch.equal(*sampled) and len(captures) == 2  # sampling: its own graph, and repeatable
 
 
 @pytest.mark.gpu
