@@ -22,7 +22,16 @@ How, for a batch of left-padded prompts (`generate`):
    the pinned CPU table (gemmatune.kernels.row_gather): no step waits for the host.
 4. The host reads the tokens every CHUNK steps (a non-blocking copy, with the next chunk already
    queued), feeds the streamer and stops once every row has emitted a stop token. A finished row
-   gets pad tokens, as in `model.generate`; at most 2 * CHUNK steps run past the last stop.
+   gets pad tokens, as in `model.generate`; at most 2 * CHUNK steps run past the last stop. On a
+   CPU the steps run eagerly and the host checks every step (there is nothing to overlap).
+5. What a step runs on the patched model (gemmatune.patching): each 4-bit projection through the
+   NF4 GEMV, which reads the packed weights once (kernels/nf4_gemv.py), with the adapters'
+   compute-dtype copies made once per call (`lora_weights_for_decoding`), and the attention's
+   query/key norm + RoPE in one kernel (`static_cache_attention`): about 32 launches per layer.
+
+Memory: the cache holds prompt + max_new_tokens positions (rounded up), not the model's maximum;
+the prompt's logits are computed for its last position only; each kept state has its own graph
+memory pool (a few MiB at batch 1).
 
 Equal to `model.generate` (tests/test_generation.py, token for token on the tiny model): the same
 positions (the attention mask's cumsum), masks (causal, the sliding window, left padding), greedy
