@@ -96,10 +96,11 @@ def add_random_lora_b(model) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
 
 
-def safe(records: list, label: dict, fn) -> None:
-    """Append fn()'s measurement under `label`, or the error: one failed run never ends the others."""
+def safe(records: list, label: dict, fn, describe=None) -> None:
+    """Append fn()'s measurement under `label`, or the error: one failed run never ends the others.
+    describe(): a note on how the run went (gemmatune: CUDA graphs on, or why not)."""
     try:
-        records.append(label | fn())
+        records.append(label | fn() | ({"notes": describe()} if describe else {}))
     except Exception as error:  # reported in the JSON and the table
         sync()
         records.append(label | {"error": f"{type(error).__name__}: {str(error)[:400]}"})
@@ -123,19 +124,22 @@ def gemmatune_worker(ckpt: str, dtype: torch.dtype, quick: bool) -> list[dict]:
     def run(ids, mask, n, **kw):
         return generation.generate(model, ids, mask, max_new_tokens=n, stop_token_ids=[], pad_token_id=0, **kw)
 
-    safe(records, lora | dict(variant="chat"), lambda: chat_calls(gemmatune, model, tokenizer))
-    safe(records, lora, lambda: measure(run, 1, 64, 5))
-    safe(records, lora, lambda: measure(run, 1, 256, 3))
+    def record(label, fn):  # every gemmatune record says whether its steps were graphed
+        safe(records, label, fn, describe=lambda: generation.describe(model))
+
+    record(lora | dict(variant="chat"), lambda: chat_calls(gemmatune, model, tokenizer))
+    record(lora, lambda: measure(run, 1, 64, 5))
+    record(lora, lambda: measure(run, 1, 256, 3))
     if not quick:
-        safe(records, lora, lambda: measure(run, 8, 64, 3))
-        safe(records, lora | dict(variant="graphs, no gemv"), lambda: with_env("GEMMATUNE_NF4_GEMV", "0", model,
-                                                                             lambda: measure(run, 1, 64, 3)))
+        record(lora, lambda: measure(run, 8, 64, 3))
+        record(lora | dict(variant="graphs, no gemv"),
+               lambda: with_env("GEMMATUNE_NF4_GEMV", "0", model, lambda: measure(run, 1, 64, 3)))
         if dtype == torch.bfloat16:
-            safe(records, lora | dict(variant="eager (no graphs)"), lambda: measure(
+            record(lora | dict(variant="eager (no graphs)"), lambda: measure(
                 lambda ids, mask, n: run(ids, mask, n, cuda_graphs=False), 1, 64, 1))
-    safe(records, lora | dict(variant="greedy check"), lambda: greedy_check(model, run, full=not quick))
+    record(lora | dict(variant="greedy check"), lambda: greedy_check(model, run, full=not quick))
     with model.disable_adapter():  # the base model alone: what the notebooks' "before" answers run
-        safe(records, lora | dict(lora=False), lambda: measure(run, 1, 64, 3))
+        record(lora | dict(lora=False), lambda: measure(run, 1, 64, 3))
     return records
 
 
@@ -331,8 +335,9 @@ def print_table(records: list[dict]) -> None:
         else:
             ref = hf.get((r["model"], r["dtype"], r["batch"], r["new_tokens"], r["lora"]))
             ratio = f"{r['decode_tokens_per_s'] / ref:6.1f}x" if ref and r["stack"] != "hf" else ""
+            off = f"  [{r['notes']}]" if "graphs: off" in r.get("notes", "") else ""
             print(f"{head} {r['batch']:>5} {r['new_tokens']:>4} {r['decode_tokens_per_s']:12.1f} {ratio:>7} "
-                  f"{r['first_call_s']:12.2f} {r['peak_allocated_gib']:8.2f}")
+                  f"{r['first_call_s']:12.2f} {r['peak_allocated_gib']:8.2f}{off}")
 
 
 if __name__ == "__main__":

@@ -374,6 +374,18 @@ def decoder_of(model: nn.Module, parts: ModelParts, lora_copies=()) -> Decoder:
     return decoder
 
 
+def describe(model: nn.Module) -> str:
+    """How this model's generation ran: CUDA graphs on (and how many were captured) or why off."""
+    parts = ModelParts.of(model)
+    decoder = _DECODERS.get(parts.text_model) if parts is not None else None
+    if decoder is None:
+        return "no generation yet"
+    if decoder.graphs_off_because or why_not_graphed(parts):
+        return f"CUDA graphs: off ({decoder.graphs_off_because or why_not_graphed(parts)})"
+    graphs = sum(state.graph is not None for state in decoder.states.values())
+    return f"CUDA graphs: on ({graphs} of {len(decoder.states)} kept decode states captured)"
+
+
 def release_decoders(model: nn.Module) -> None:
     """Free the cache buffers and CUDA graphs kept for this model's generation."""
     parts = ModelParts.of(model)

@@ -228,6 +228,9 @@ def test_decoders_are_reused_and_replaced_when_the_model_changes():
     model = gemmatune.add_lora(model, r=4)
     generate(model, ids, mask, max_new_tokens=12)
     assert generation._DECODERS[text] is not decoder  # new modules: a new decoder, the old one dropped
+    assert generation.describe(model) == "CUDA graphs: off (not on a CUDA GPU)"
+    generation.release_decoders(model)
+    assert text not in generation._DECODERS
 
 
 def test_sampling_is_repeatable_and_top_k_1_is_greedy():
