@@ -23,7 +23,7 @@ run generates exactly `new_tokens` (no stop tokens; `min_new_tokens` for the sto
 decode_tokens_per_s = batch * (new_tokens - 1) / (time(new_tokens) - time(1 token)): the prefill and
 first token are taken out, the same way for both stacks. first_call_s is the first call of that
 configuration (it compiles kernels and captures the CUDA graph), reported apart from the median of
-the later calls. Writes benchmarks/results/<date>-h200-generate.json (one record per run) and
+the later calls. Writes benchmarks/results/<date>-h200-generate-<models>.json (one record per run) and
 prints a table with gemmatune / hf ratios at equal model, dtype, batch, tokens and LoRA.
 """
 import argparse
@@ -298,7 +298,8 @@ def main() -> None:
                 for record in run_worker(cmd, args.worker_timeout):
                     records.append(dict(model=model, dtype=dtype, **record, gpu=gpu, versions=found, command=command))
     date = datetime.date.today().isoformat()
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-generate.json")
+    name = f"{date}-h200-generate-{'-'.join(args.models)}.json"
+    out_path = Path(args.out or Path(__file__).parent / "results" / name)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(records, indent=1))
     print_table(records)
