@@ -102,6 +102,15 @@ def test_with_lora_adapters_active_and_unmerged():
     assert not torch.equal(generate(model, ids, mask, max_new_tokens=10), generate(plain, ids, mask, max_new_tokens=10))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_with_lora_equals_stock_generate(dtype):
+    """fp16 (a T4's dtype) and bf16 on the CPU, with the same kernels in both loops."""
+    model, tokenizer = varied_model(lora=True, dtype=dtype)
+    assert generation.ModelParts.of(model).dtype == getattr(torch, dtype)
+    assert_same_as_stock(model, tokenizer, prompts())
+    assert_same_as_stock(model, tokenizer, prompts()[1:2])
+
+
 def test_after_load_adapter(tmp_path):
     model, tokenizer = varied_model(lora=True)
     saved = gemmatune.save_adapter(model, tokenizer, tmp_path / "adapter")
