@@ -19,6 +19,10 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
 - always, kernels on or off: every bitsandbytes Linear4bit -> NF4Linear4bit, gemmatune's own
   NF4 dequantisation + matmul (bitsandbytes' forward can rewrite the weight in place on some
   CPUs, see NF4Linear4bit);
+- decoding (gemmatune.generation): both 4-bit layer kinds take the NF4 GEMV in no-grad forwards
+  of at most 16 rows (kernels/nf4_gemv.py, the LoRA update in the same kernel, the adapters'
+  compute-dtype copies from lora_weights_for_decoding), and KernelGemma4Attention fuses the
+  query/key norm + RoPE when it gets gemmatune's static cache (static_cache_attention);
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
   (Gemma's activations can exceed 65504 on a T4, turning the loss into inf/NaN).
 The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
