@@ -27,8 +27,8 @@ from gemmatune.kernels.lora_nf4_linear import nf4_linear  # noqa: E402
 
 SHAPES = LINEAR_SHAPES + [("e2b_kv", 256, 1536), ("e2b_gate_up_wide", 12288, 1536), ("e2b_down_wide", 1536, 12288),
                           ("e2b_ple_gate", 256, 1536), ("e2b_ple_proj", 1536, 256), ("e4b_kv", 512, 2560)]
-TILE_BYTES = [1024, 2048, 4096, 8192]
-MAX_BLOCK_KB = [512, 1024, 2048]
+TILE_BYTES = [2048, 4096, 8192]
+MAX_BLOCK_KB = [1024, 2048]
 NUM_WARPS = [4, 8]
 
 
