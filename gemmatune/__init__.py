@@ -21,7 +21,7 @@ def _drop_bitsandbytes_cpu_kernel_notice() -> None:
 _drop_bitsandbytes_cpu_kernel_notice()
 
 from gemmatune import evaluate  # noqa: E402,F401 (gemmatune.evaluate.score in the notebooks)
-from gemmatune.chat import chat  # noqa: E402
+from gemmatune.chat import chat, generate_replies  # noqa: E402
 from gemmatune.data import load_hub_dataset, prepare_dataset, show_example  # noqa: E402
 from gemmatune.export import merge_and_save  # noqa: E402
 from gemmatune.gguf_export import export_gguf  # noqa: E402
@@ -35,5 +35,5 @@ from gemmatune.trainer import TrainConfig, TrainResult, train  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "chat", "choose_model_and_data",
-           "export_gguf", "load_adapter", "load_hub_dataset", "load_model", "merge_and_save", "predict_peak_gib", "prepare_dataset",
-           "save_adapter", "show_example", "train", "trainable_parameters"]
+           "export_gguf", "generate_replies", "load_adapter", "load_hub_dataset", "load_model", "merge_and_save",
+           "predict_peak_gib", "prepare_dataset", "save_adapter", "show_example", "train", "trainable_parameters"]

@@ -19,6 +19,10 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
 - always, kernels on or off: every bitsandbytes Linear4bit -> NF4Linear4bit, gemmatune's own
   NF4 dequantisation + matmul (bitsandbytes' forward can rewrite the weight in place on some
   CPUs, see NF4Linear4bit);
+- decoding (gemmatune.generation): both 4-bit layer kinds take the NF4 GEMV in no-grad forwards
+  of at most 16 rows (kernels/nf4_gemv.py, the LoRA update in the same kernel, the adapters'
+  compute-dtype copies from lora_weights_for_decoding), and KernelGemma4Attention fuses the
+  query/key norm + RoPE when it gets gemmatune's static cache (static_cache_attention);
 - float16 only: the residual stream and the MLP's product are clamped to the fp16 range
   (Gemma's activations can exceed 65504 on a T4, turning the loss into inf/NaN);
 - always: the audio tower's layers -> CheckpointedAudioLayer, which can be gradient-
@@ -33,6 +37,7 @@ its attention computes the scores and applies the -1e9 mask value in float32 (tr
 5.17 and 5.23; checked in fp16 with fully masked rows in tests/test_multimodal_model.py).
 The loss is not a patch: gemmatune.loss calls the fused linear cross-entropy directly.
 """
+import contextlib
 import functools
 
 import torch
@@ -45,6 +50,7 @@ from gemmatune.attention import (attention_math, flash_window_available, sliding
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear, nf4_linear
+from gemmatune.kernels.nf4_gemv import gemv_supported, nf4_gemv
 from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair
 from gemmatune.kernels.rms_norm import rms_norm
 
@@ -72,6 +78,9 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
 
     def forward(self, hidden_states, position_embeddings, attention_mask, shared_kv_states,
                 past_key_values=None, **kwargs):
+        if getattr(past_key_values, "is_gemmatune_static", False):
+            return static_cache_attention(self, hidden_states, position_embeddings, attention_mask,
+                                          shared_kv_states, past_key_values, **kwargs)
         if past_key_values is not None:
             return super().forward(hidden_states, position_embeddings, attention_mask, shared_kv_states,
                                    past_key_values, **kwargs)
@@ -125,6 +134,35 @@ class CheckpointedAudioLayer(hf_gemma4.Gemma4AudioLayer):
         return super().forward(hidden_states, attention_mask, position_embeddings, **kwargs)
 
 
+def static_cache_attention(self, hidden_states, position_embeddings, attention_mask, shared_kv_states,
+                           past_key_values, **kwargs):
+    """Gemma4TextAttention.forward with gemmatune's static cache (gemmatune.generation): the same
+    steps in the same order, with the query and key norm + RoPE in one kernel launch and the
+    weightless v_norm in another (per decode token and layer: 2 launches instead of about 12)."""
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    cos, sin = position_embeddings
+    query = self.q_proj(hidden_states).view(hidden_shape)
+    if self.is_kv_shared_layer:
+        query = qk_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
+        key, value = shared_kv_states[self.layer_type]
+    else:
+        key_proj = self.k_proj(hidden_states).view(hidden_shape)
+        value = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_proj
+        query, key = qk_norm_rope_pair(query, self.q_norm.weight, key_proj, self.k_norm.weight, cos, sin,
+                                       self.q_norm.eps, self.k_norm.eps)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+        value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    if self.store_full_length_kv:
+        shared_kv_states[self.layer_type] = key, value
+    attend = hf_gemma4.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                             hf_gemma4.eager_attention_forward)
+    out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
+                    sliding_window=self.sliding_window, **kwargs)
+    return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
 def builds_own_masks(text_model: nn.Module) -> bool:
     """True when the caller may pass `attention_mask={"full_attention": None,
     "sliding_attention": None}` for an unpadded (or right-padded) batch, so that transformers
@@ -155,6 +193,10 @@ def _lora_4bit_class():
                 return super().forward(x, *args, **kwargs)
             name = self.active_adapters[0]
             weight = self.base_layer.weight
+            if not torch.is_grad_enabled() and gemv_supported(x, weight, weight.quant_state):
+                lora_a, lora_b = _decode_lora_weights(self, name, x.dtype)
+                return nf4_gemv(x, weight, weight.quant_state, self.base_layer.bias, lora_a, lora_b,
+                                self.scaling[name])
             lora_a = self.lora_A[name].weight.to(x.dtype)
             lora_b = self.lora_B[name].weight.to(x.dtype)
             return lora_nf4_linear(x, weight, weight.quant_state, lora_a, lora_b, self.scaling[name],
@@ -189,7 +231,10 @@ def _nf4_linear_classes():
                                    "before gemmatune patched it, which cannot be undone exactly: load the model "
                                    "again with gemmatune.load_model")
             dtype = self.compute_dtype or x.dtype
-            return nf4_linear(x.to(dtype), self.weight, quant_state, self.bias).to(x.dtype)
+            x_c = x.to(dtype)
+            if not torch.is_grad_enabled() and gemv_supported(x_c, self.weight, quant_state):
+                return nf4_gemv(x_c, self.weight, quant_state, self.bias).to(x.dtype)  # decoding: few rows
+            return nf4_linear(x_c, self.weight, quant_state, self.bias).to(x.dtype)
 
     return bnb.nn.Linear4bit, NF4Linear4bit
 
@@ -263,6 +308,42 @@ def patch_lora(model: nn.Module) -> list[str]:
     for layer in layers:
         _swap_class(model, layer, kernel_class)
     return [f"{len(layers)} LoRA 4-bit layers -> NF4 + LoRA kernel"] if layers else []
+
+
+def _decode_lora_weights(layer, name: str, dtype: torch.dtype):
+    """LoRA A and B for a no-grad forward: the compute-dtype copies `lora_weights_for_decoding`
+    made for this call when it is active, else the parameters (cast per call)."""
+    cached = layer.__dict__.get("gemmatune_decode_lora") if layer.__dict__.get("gemmatune_decoding") else None
+    if cached is not None and cached[0] == (name, dtype):
+        return cached[1], cached[2]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+@contextlib.contextmanager
+def lora_weights_for_decoding(model: nn.Module, dtype: torch.dtype):
+    """While generating: every NF4 + LoRA layer reads compute-dtype copies of its adapter
+    weights, refreshed once on entry, instead of casting the fp32 parameters in every step
+    (two cast kernels per layer and token: about 400 launches per E2B token). The copies keep
+    their memory from call to call, so a CUDA graph that read them stays valid. Training
+    never sees them: they are used only inside this context."""
+    layers = [m for m in model.modules() if type(m).__name__ == "KernelLoRALinear4bit" and _plain_lora(m, {})]
+    for layer in layers:
+        name = layer.active_adapters[0]
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        cached = layer.__dict__.get("gemmatune_decode_lora")
+        if cached is None or cached[0] != (name, dtype) or cached[1].shape != a.shape or cached[2].shape != b.shape \
+                or cached[1].device != a.device:
+            layer.__dict__["gemmatune_decode_lora"] = ((name, dtype), a.detach().to(dtype, copy=True),
+                                                       b.detach().to(dtype, copy=True))
+        else:
+            cached[1].copy_(a)
+            cached[2].copy_(b)
+        layer.__dict__["gemmatune_decoding"] = True
+    try:
+        yield [layer.__dict__["gemmatune_decode_lora"] for layer in layers]
+    finally:
+        for layer in layers:
+            layer.__dict__["gemmatune_decoding"] = False
 
 
 def unpatch_model(model: nn.Module) -> None:

@@ -5,6 +5,7 @@ random tiny model can start to fit within 8 steps (on all 350 rows the loss is t
 The kernels take their PyTorch reference path here (GEMMATUNE_KERNELS=0), as on a user's CPU:
 through the Triton interpreter each step would take seconds. tests/kernels checks the kernels and
 test_patching the patched model."""
+import importlib
 import json
 
 import pytest
@@ -109,7 +110,7 @@ def test_saving_over_an_adapter_keeps_the_old_one(tmp_path):
     assert not list(tmp_path.glob(".adapter.partial-*"))  # no half-written folder left behind
 
 
-def test_chat_returns_text_and_stops_at_turn_end(tiny_tokenizer):
+def test_chat_returns_text_and_stops_at_turn_end(tiny_tokenizer, monkeypatch):
     model, tokenizer = load_tiny()
     word = tokenizer.convert_tokens_to_ids("▁the") if "▁the" in tokenizer.get_vocab() else 300
     turn_end = tokenizer.convert_tokens_to_ids("<turn|>")
@@ -124,20 +125,21 @@ def test_chat_returns_text_and_stops_at_turn_end(tiny_tokenizer):
         return logits
 
     hook = model.get_output_embeddings().register_forward_hook(force_next_token)
-    generate, lengths = model.generate, []
+    chat_module = importlib.import_module("gemmatune.chat")  # gemmatune.chat is the function
+    generate, lengths = chat_module.generate, []
 
-    def spy(**kwargs):
-        out = generate(**kwargs)
-        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1])  # new tokens only
         return out
 
-    model.generate = spy
+    monkeypatch.setattr(chat_module, "generate", spy)
     reply = gemmatune.chat(model, tokenizer, "Say something.", max_new_tokens=30, stream=False)
     assert isinstance(reply, str)
     assert reply == tokenizer.decode([word, word], skip_special_tokens=True).strip()
     assert lengths == [3]  # stopped at <turn|>, long before max_new_tokens
 
-    model.generate = generate
+    monkeypatch.undo()
     hook.remove()  # the random model, a message list, cut at max_new_tokens
     noise = gemmatune.chat(model, tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=5, stream=False)
     assert isinstance(noise, str)

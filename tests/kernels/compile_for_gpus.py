@@ -84,7 +84,7 @@ def _launch_every_kernel(dtype):
     fake CUDA tensors (no memory, no GPU), so the wrappers pick their GPU launch settings."""
     import bitsandbytes.functional as bnbF
 
-    from gemmatune.kernels import fused_linear_ce, geglu, nf4, qk_norm_rope, rms_norm
+    from gemmatune.kernels import fused_linear_ce, geglu, nf4, nf4_gemv, qk_norm_rope, rms_norm, row_gather
 
     packed, quant_state = bnbF.quantize_4bit(torch.randn(2048, 1536).to(dtype), quant_type="nf4",
                                              compress_statistics=True)  # quantised for real, on the CPU
@@ -102,6 +102,12 @@ def _launch_every_kernel(dtype):
         qs.absmax, qs.code, qs.offset = like(qs.absmax), like(qs.code), like(qs.offset)
         qs2.absmax, qs2.code = like(qs2.absmax), like(qs2.code)
         nf4.dequantize_nf4_forward(like(packed), quant_state, dtype=dtype)
+        for rows in (1, 16):  # decoding: one row (chat) and a batch, with and without LoRA
+            x = rand(rows, 1536)
+            nf4_gemv.nf4_gemv_forward(x, like(packed), quant_state)
+            nf4_gemv.nf4_gemv_forward(x, like(packed), quant_state, rand(2048), (rand(rows, 16), rand(2048, 16), 2.0))
+        table = torch.empty(262144, 8960, dtype=dtype, device="cuda")  # the PLE table (pinned, read by the GPU)
+        row_gather.gather_rows_forward(table, torch.zeros(1, dtype=torch.int64, device="cuda"), rand(1, 8960))
         x, w = rand(2048, 1536), rand(1536)
         _, x2, rstd = rms_norm.rms_norm_forward(x, w, 1e-6)
         for compute_dw in (True, False):

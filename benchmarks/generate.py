@@ -1,0 +1,347 @@
+"""Decode speed: gemmatune's generation vs the stock Hugging Face stack, same checkpoint, same call.
+
+    python benchmarks/generate.py --models e2b    # then --models e4b: about 4-5 minutes each on an H200 (estimated)
+    python benchmarks/generate.py --models e2b --dtypes bf16 --quick
+
+Builds a random-weight checkpoint from the real E2B/E4B text configs (benchmarks/gemma4_configs.py,
+shared with train_step.py), then runs each (model, stack, dtype) in its own subprocess (clean
+memory statistics; one failure does not stop the others):
+
+- gemmatune: `gemmatune.load_model` (4-bit NF4, PLE table in pinned CPU memory), measured once
+  before and then after `add_lora` (r=16 on q,k,v,o,gate,up,down, random nonzero B: adapters
+  active, unmerged), through `gemmatune.generation.generate` (what chat() and generate_replies()
+  call). Variants at batch 1 x 64 tokens: the NF4 GEMV off (GEMMATUNE_NF4_GEMV=0: dequantise +
+  GEMM per layer) and CUDA graphs off. Plus the first and second `gemmatune.chat()` calls, and a
+  greedy-equality check of the fast path against the same model's `model.generate` (the plain
+  path: transformers' loop, dynamic cache, no graphs), with the GEMV on and off.
+- hf: transformers' AutoModelForCausalLM with bitsandbytes NF4 + double quant, bf16/fp16 compute,
+  SDPA, `model.generate`; once without LoRA (the issue's reference) and then with peft LoRA r=16
+  on the same projections.
+
+Prompts are random token ids (32 tokens; a batch of 8 is left-padded to different lengths); every
+run generates exactly `new_tokens` (no stop tokens; `min_new_tokens` for the stock stack).
+decode_tokens_per_s = batch * (new_tokens - 1) / (time(new_tokens) - time(1 token)): the prefill and
+first token are taken out, the same way for both stacks. first_call_s is the first call of that
+configuration (it compiles kernels and captures the CUDA graph), reported apart from the median of
+the later calls. Writes benchmarks/results/<date>-h200-generate-<models>.json (one record per run) and
+prints a table with gemmatune / hf ratios at equal model, dtype, batch, tokens and LoRA.
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# The repo root replaces this script's folder on the path: transformers probes `import kernels`,
+# which must not find benchmarks/kernels.py.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from gemmatune.memory import GIB  # noqa: E402
+
+PROMPT_TOKENS = 32
+VOCAB = {"size": 262144}  # set from the checkpoint by the worker
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def prompts(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts: row i has PROMPT_TOKENS - 3 * i tokens (all of them at batch 1)."""
+    from gemmatune.chat import left_padded
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = [[2] + torch.randint(10, VOCAB["size"], (PROMPT_TOKENS - 1 - 3 * i,), generator=gen).tolist()
+            for i in range(batch)]
+    return left_padded(rows, pad_token_id=0)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():  # (without CUDA: a dry run of this script on the tiny model)
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def measure(run, batch: int, new_tokens: int, repeats: int) -> dict:
+    """run(input_ids, attention_mask, n) generates exactly n tokens per row. repeats=0: the first
+    call is the measurement (the stock stack: slow, nothing to warm up but CUDA itself)."""
+    ids, mask = prompts(batch)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    first = timed(lambda: run(ids, mask, new_tokens))
+    one = statistics.median(timed(lambda: run(ids, mask, 1)) for _ in range(3))
+    full = statistics.median(timed(lambda: run(ids, mask, new_tokens)) for _ in range(repeats)) if repeats else first
+    decode_s = max(full - one, 1e-9)
+    peak = torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else 0.0
+    return dict(batch=batch, new_tokens=new_tokens, decode_tokens_per_s=batch * (new_tokens - 1) / decode_s,
+                end_to_end_tokens_per_s=batch * new_tokens / full, call_s=full, prefill_and_first_token_s=one,
+                first_call_s=first, peak_allocated_gib=peak)
+
+
+def add_random_lora_b(model) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+
+
+def safe(records: list, label: dict, fn, describe=None) -> None:
+    """Append fn()'s measurement under `label`, or the error: one failed run never ends the others.
+    describe(): a note on how the run went (gemmatune: CUDA graphs on, or why not)."""
+    try:
+        records.append(label | fn() | ({"notes": describe()} if describe else {}))
+    except Exception as error:  # reported in the JSON and the table
+        sync()
+        records.append(label | {"error": f"{type(error).__name__}: {str(error)[:400]}"})
+    print(json.dumps(records[-1]), flush=True)
+
+
+# ------------------------------------------------------------------------------------- gemmatune
+def gemmatune_worker(ckpt: str, dtype: torch.dtype, quick: bool) -> list[dict]:
+    """Load, add_lora, two chat() calls (the first one cold: kernels compile, the graph is captured),
+    then the measurements with the adapters active, then the same model with them disabled."""
+    import gemmatune
+    from gemmatune import generation
+
+    records = []
+    loaded_at = time.perf_counter()
+    model, tokenizer = gemmatune.load_model(ckpt, dtype=dtype, max_seq_length=2048, verbose=True)
+    model = gemmatune.add_lora(model, r=16)
+    add_random_lora_b(model)
+    lora = dict(stack="gemmatune", lora=True, variant="graphs+gemv", load_s=time.perf_counter() - loaded_at)
+
+    def run(ids, mask, n, **kw):
+        return generation.generate(model, ids, mask, max_new_tokens=n, stop_token_ids=[], pad_token_id=0, **kw)
+
+    def record(label, fn):  # every gemmatune record says whether its steps were graphed
+        safe(records, label, fn, describe=lambda: generation.describe(model))
+
+    record(lora | dict(variant="chat"), lambda: chat_calls(gemmatune, model, tokenizer))
+    record(lora, lambda: measure(run, 1, 64, 5))
+    record(lora, lambda: measure(run, 1, 256, 3))
+    if not quick:
+        record(lora, lambda: measure(run, 8, 64, 3))
+        record(lora | dict(variant="graphs, no gemv"),
+               lambda: with_env("GEMMATUNE_NF4_GEMV", "0", model, lambda: measure(run, 1, 64, 3)))
+        if dtype == torch.bfloat16:
+            record(lora | dict(variant="eager (no graphs)"), lambda: measure(
+                lambda ids, mask, n: run(ids, mask, n, cuda_graphs=False), 1, 64, 1))
+    record(lora | dict(variant="greedy check"),
+           lambda: greedy_check(model, run, full=not quick and dtype == torch.bfloat16))
+    with model.disable_adapter():  # the base model alone: what the notebooks' "before" answers run
+        record(lora | dict(lora=False), lambda: measure(run, 1, 64, 3))
+    return records
+
+
+def chat_calls(gemmatune, model, tokenizer) -> dict:
+    """The first chat() after add_lora (kernels compiled, graph captured) and the second one."""
+    times, replies = [], []
+    for question in ("Convert 5 km to miles.", "Name three colours."):
+        start = time.perf_counter()
+        replies.append(gemmatune.chat(model, tokenizer, question, max_new_tokens=64, stream=False))
+        times.append(time.perf_counter() - start)
+    return dict(batch=1, new_tokens=64, first_call_s=times[0], second_call_s=times[1],
+                reply_chars=[len(r) for r in replies])
+
+
+def with_env(name: str, value: str, model, fn):
+    """Run fn with an environment switch, dropping the kept graphs before and after (they were
+    captured with the other setting)."""
+    from gemmatune.generation import release_decoders
+
+    old = os.environ.get(name)
+    os.environ[name] = value
+    release_decoders(model)
+    try:
+        return fn()
+    finally:
+        os.environ.pop(name) if old is None else os.environ.__setitem__(name, old)
+        release_decoders(model)
+
+
+def greedy_check(model, run, full: bool, new_tokens: int = 24) -> dict:
+    """Greedy tokens of the fast path against (a) the same loop with CUDA graphs off (the same
+    kernels: must be equal, or the graph replays something else than the step) and (b) the same
+    model's plain `model.generate` (transformers' loop, dynamic cache, no graphs: slow, hence 24
+    tokens). (b) differs from the fast path's numerics in bf16/fp16 (the fused norm + RoPE of the
+    decode attention rounds differently), so on a random-weight model, whose top logits are close,
+    it can part after some tokens; first_difference_at says where. The CPU tests check (b) exactly
+    in fp32. full: batch 8 too, and (b) with the NF4 GEMV off in both paths."""
+    result = {}
+    for batch in (1, 8) if full else (1,):
+        ids, mask = prompts(batch, seed=5)
+        result[f"graphs_vs_eager_batch{batch}"] = agreement(run(ids, mask, new_tokens),
+                                                            run(ids, mask, new_tokens, cuda_graphs=False))
+    cases = [("gemv", "1", 1), ("gemv", "1", 8), ("no_gemv", "0", 1)] if full else [("gemv", "1", 1)]
+    for label, env, batch in cases:
+        ids, mask = prompts(batch, seed=5)
+        fast = with_env("GEMMATUNE_NF4_GEMV", env, model, lambda: run(ids, mask, new_tokens))
+        plain = with_env("GEMMATUNE_NF4_GEMV", env, model, lambda: hf_generate(model, ids, mask, new_tokens))
+        result[f"vs_model_generate_{label}_batch{batch}"] = agreement(fast, plain)
+    return dict(batch=1, new_tokens=new_tokens, checks=result)
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    a, b = a.cpu(), b.cpu()
+    same = (a == b).all(dim=0)
+    first = int((~same).nonzero()[0]) if not bool(same.all()) else None
+    return dict(equal=bool(torch.equal(a, b)), first_difference_at=first, tokens=int(a.shape[1]))
+
+
+# ------------------------------------------------------------------------------------------- hf
+def hf_generate(model, ids, mask, n):
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         pad_token_id=0, use_cache=True)
+    return out[:, ids.shape[1]:]
+
+
+def hf_worker(ckpt: str, dtype: torch.dtype, quick: bool) -> list[dict]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    records = []
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    loaded_at = time.perf_counter()
+    device = 0 if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(ckpt, quantization_config=quant, dtype=dtype, device_map={"": device},
+                                                 attn_implementation="sdpa")
+    model.eval()
+    base = dict(stack="hf", lora=False, variant="generate", load_s=time.perf_counter() - loaded_at)
+
+    def run(ids, mask, n):
+        with torch.no_grad():
+            return hf_generate(model, ids, mask, n)
+
+    if dtype == torch.bfloat16:  # the issue's reference: the stock stack without adapters
+        safe(records, base, lambda: measure(run, 1, 64, 0))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    add_random_lora_b(model)
+    model.eval()
+    lora = base | dict(lora=True)
+    safe(records, lora, lambda: measure(run, 1, 64, 0))
+    if dtype == torch.bfloat16:
+        safe(records, lora, lambda: measure(run, 1, 256, 0))
+        if not quick:
+            safe(records, lora, lambda: measure(run, 8, 64, 0))
+    return records
+
+
+# ------------------------------------------------------------------------------------------ main
+def worker(args) -> None:
+    from transformers import AutoConfig
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    VOCAB["size"] = AutoConfig.from_pretrained(args.ckpt).get_text_config().vocab_size
+    work = {"gemmatune": gemmatune_worker, "hf": hf_worker}[args.stack]
+    try:
+        records = work(args.ckpt, dtype, args.quick)
+    except Exception as error:  # a load failure: one error record for the whole worker
+        records = [dict(stack=args.stack, error=f"{type(error).__name__}: {str(error)[:400]}")]
+    print("RESULT " + json.dumps(records), flush=True)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    found = {}
+    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    return found | {"cuda": torch.version.cuda}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["e2b", "e4b"])
+    parser.add_argument("--stacks", nargs="+", default=["hf", "gemmatune"])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16"])
+    parser.add_argument("--quick", action="store_true", help="batch 1 x 64 tokens only")
+    parser.add_argument("--ckpt-root", default="/tmp/gemmatune-bench")
+    parser.add_argument("--worker-timeout", type=int, default=300)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stack", help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    from benchmarks.train_step import build_checkpoint
+
+    command = "python " + " ".join(sys.argv)
+    gpu, found = torch.cuda.get_device_name(0), versions()
+    records = []
+    for model in args.models:
+        folder = Path(args.ckpt_root) / model
+        build_checkpoint(model, folder)
+        for dtype in args.dtypes:
+            for stack in args.stacks:
+                cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--ckpt", str(folder), "--dtype", dtype]
+                cmd += ["--quick"] if args.quick else []
+                for record in run_worker(cmd, args.worker_timeout):
+                    records.append(dict(model=model, dtype=dtype, **record, gpu=gpu, versions=found, command=command))
+    date = datetime.date.today().isoformat()
+    name = f"{date}-h200-generate-{'-'.join(args.models)}.json"
+    out_path = Path(args.out or Path(__file__).parent / "results" / name)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(records, indent=1))
+    print_table(records)
+    print(f"wrote {out_path}")
+
+
+def run_worker(cmd: list[str], timeout: int) -> list[dict]:
+    env = os.environ | {"GEMMATUNE_DASHBOARD": "off"}
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        partial = error.stdout.decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        done = [json.loads(line) for line in partial.splitlines() if line.startswith("{")]  # finished runs
+        return done + [dict(stack=cmd[cmd.index("--stack") + 1], error=f"worker timed out after {timeout} s")]
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return [dict(stack=cmd[cmd.index("--stack") + 1], error=(out.stderr or out.stdout)[-1500:])]
+    return json.loads(line[7:])
+
+
+def print_table(records: list[dict]) -> None:
+    hf = {(r["model"], r["dtype"], r.get("batch"), r.get("new_tokens"), r.get("lora")): r["decode_tokens_per_s"]
+          for r in records if r.get("stack") == "hf" and "decode_tokens_per_s" in r}
+    print(f"\n{'model':5} {'stack':9} {'dtype':5} {'lora':5} {'variant':20} {'batch':>5} {'new':>4} "
+          f"{'decode tok/s':>12} {'vs hf':>7} {'first call s':>12} {'peak GiB':>8}")
+    for r in records:
+        head = (f"{r['model']:5} {r.get('stack', '?'):9} {r['dtype']:5} {str(r.get('lora', '')):5} "
+                f"{r.get('variant', ''):20}")
+        if "error" in r:
+            print(f"{head} ERROR {r['error'][-300:]}")
+        elif "checks" in r:
+            print(f"{head} greedy equality: {json.dumps(r['checks'])}")
+        elif "decode_tokens_per_s" not in r:
+            print(f"{head} {r['batch']:>5} {r['new_tokens']:>4} first chat() {r['first_call_s']:.2f} s, "
+                  f"second {r['second_call_s']:.2f} s")
+        else:
+            ref = hf.get((r["model"], r["dtype"], r["batch"], r["new_tokens"], r["lora"]))
+            ratio = f"{r['decode_tokens_per_s'] / ref:6.1f}x" if ref and r["stack"] != "hf" else ""
+            off = f"  [{r['notes']}]" if "graphs: off" in r.get("notes", "") else ""
+            print(f"{head} {r['batch']:>5} {r['new_tokens']:>4} {r['decode_tokens_per_s']:12.1f} {ratio:>7} "
+                  f"{r['first_call_s']:12.2f} {r['peak_allocated_gib']:8.2f}{off}")
+
+
+if __name__ == "__main__":
+    main()
