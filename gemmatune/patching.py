@@ -85,19 +85,7 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
             return super().forward(hidden_states, position_embeddings, attention_mask, shared_kv_states,
                                    past_key_values, **kwargs)
         input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        cos, sin = position_embeddings
-        query = self.q_proj(hidden_states).view(hidden_shape)
-        if self.is_kv_shared_layer:
-            query = qk_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
-            key, value = shared_kv_states[self.layer_type]
-        else:
-            key_proj = self.k_proj(hidden_states).view(hidden_shape)
-            value = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_proj
-            query, key = qk_norm_rope_pair(query, self.q_norm.weight, key_proj, self.k_norm.weight, cos, sin,
-                                           self.q_norm.eps, self.k_norm.eps)
-            query, key = query.transpose(1, 2), key.transpose(1, 2)
-            value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
+        query, key, value = _query_key_value(self, hidden_states, position_embeddings, shared_kv_states)
         if self.store_full_length_kv:
             shared_kv_states[self.layer_type] = key, value
         if self.sliding_window is not None and attention_mask is None and key.shape[2] > self.sliding_window:
@@ -140,19 +128,8 @@ def static_cache_attention(self, hidden_states, position_embeddings, attention_m
     steps in the same order, with the query and key norm + RoPE in one kernel launch and the
     weightless v_norm in another (per decode token and layer: 2 launches instead of about 12)."""
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    cos, sin = position_embeddings
-    query = self.q_proj(hidden_states).view(hidden_shape)
-    if self.is_kv_shared_layer:
-        query = qk_norm_rope(query, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
-        key, value = shared_kv_states[self.layer_type]
-    else:
-        key_proj = self.k_proj(hidden_states).view(hidden_shape)
-        value = self.v_proj(hidden_states).view(hidden_shape) if self.v_proj is not None else key_proj
-        query, key = qk_norm_rope_pair(query, self.q_norm.weight, key_proj, self.k_norm.weight, cos, sin,
-                                       self.q_norm.eps, self.k_norm.eps)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = rms_norm(value, None, self.v_norm.eps).transpose(1, 2)
+    query, key, value = _query_key_value(self, hidden_states, position_embeddings, shared_kv_states)
+    if not self.is_kv_shared_layer:
         key, value = past_key_values.update(key, value, self.layer_idx)
     if self.store_full_length_kv:
         shared_kv_states[self.layer_type] = key, value
@@ -161,6 +138,25 @@ def static_cache_attention(self, hidden_states, position_embeddings, attention_m
     out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
                     sliding_window=self.sliding_window, **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+
+
+def _query_key_value(attention, hidden_states, position_embeddings, shared_kv_states):
+    """(query, key, value) as (batch, heads, seq, head_dim), for training and the static cache
+    alike: the query and key norm + RoPE of a layer in one kernel launch, the weightless v_norm
+    in another; KV-shared layers take key and value from the layer they share them with."""
+    hidden_shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
+    cos, sin = position_embeddings
+    query = attention.q_proj(hidden_states).view(hidden_shape)
+    if attention.is_kv_shared_layer:
+        query = qk_norm_rope(query, attention.q_norm.weight, cos, sin, attention.q_norm.eps).transpose(1, 2)
+        key, value = shared_kv_states[attention.layer_type]
+        return query, key, value
+    key_proj = attention.k_proj(hidden_states).view(hidden_shape)
+    value = attention.v_proj(hidden_states).view(hidden_shape) if attention.v_proj is not None else key_proj
+    query, key = qk_norm_rope_pair(query, attention.q_norm.weight, key_proj, attention.k_norm.weight, cos, sin,
+                                   attention.q_norm.eps, attention.k_norm.eps)
+    value = rms_norm(value, None, attention.v_norm.eps).transpose(1, 2)
+    return query.transpose(1, 2), key.transpose(1, 2), value
 
 
 def builds_own_masks(text_model: nn.Module) -> bool:
