@@ -8,8 +8,10 @@ text), measured the same way before and after training, on rows training never s
     scores.metrics            # {"exact_match": 0.12, "character_error_rate": 0.31}
     scores.predictions[0], scores.references[0]
 
-Generation is greedy (repeatable), one row at a time through `model.generate` with the row's
-image or clip turned into tensors exactly as for training (gemmatune.multimodal_data.prompt_inputs).
+Generation is greedy (repeatable), one row at a time through gemmatune's decode loop
+(gemmatune.generation.generate: the same tokens as `model.generate`, static cache, CUDA-graph
+steps on a GPU) with the row's image or clip turned into tensors exactly as for training
+(gemmatune.multimodal_data.prompt_inputs).
 The error rates are edit distances (Levenshtein) summed over all rows and divided by the
 references' total length: one long reference weighs as much as its length, as jiwer computes them.
 """
@@ -21,6 +23,7 @@ import torch
 
 from gemmatune.chat import stop_token_ids
 from gemmatune.data import to_messages
+from gemmatune.generation import generate
 
 METRICS = ("exact_match", "character_error_rate", "word_error_rate")
 
@@ -94,14 +97,10 @@ def generate_answer(model, tokenizer, messages: list[dict], max_new_tokens: int 
     dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
     inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
     text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                eos_token_id=stop_token_ids(text_tokenizer), pad_token_id=text_tokenizer.pad_token_id)
-    finally:
-        model.train(was_training)
-    return text_tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    tokens = generate(model, inputs.pop("input_ids"), inputs.pop("attention_mask", None),
+                      max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(text_tokenizer),
+                      pad_token_id=text_tokenizer.pad_token_id, **inputs)
+    return text_tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
 
 
 @dataclass
