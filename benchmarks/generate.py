@@ -42,6 +42,8 @@ import torch
 # which must not find benchmarks/kernels.py.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.versions import package_versions  # noqa: E402
+
 from gemmatune.memory import GIB  # noqa: E402
 
 PROMPT_TOKENS = 32
@@ -255,15 +257,7 @@ def worker(args) -> None:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    return found | {"cuda": torch.version.cuda}
+    return package_versions()
 
 
 def main() -> None:

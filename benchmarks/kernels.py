@@ -7,7 +7,6 @@ benchmarks/kernels_rope_nf4.py (QK-norm + RoPE, NF4 dequant, NF4 + LoRA linear) 
 E4B sizes, prints a table and writes benchmarks/results/<date>-h200-kernels.json.
 """
 import datetime
-import importlib.metadata as md
 import json
 import sys
 from pathlib import Path
@@ -18,17 +17,13 @@ import torch
 # which must not find benchmarks/kernels.py.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.versions import package_versions  # noqa: E402
+
 from benchmarks import kernels_loss_norm, kernels_rope_nf4  # noqa: E402
 
 
 def versions() -> dict:
-    found = {}
-    for name in ["torch", "triton", "transformers", "bitsandbytes", "liger_kernel"]:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    return found | {"cuda": torch.version.cuda}
+    return package_versions(("torch", "triton", "transformers", "bitsandbytes", "liger_kernel"))
 
 
 def main() -> None:

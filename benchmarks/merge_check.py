@@ -34,6 +34,8 @@ import torch
 # which must not find benchmarks/kernels.py.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.versions import package_versions  # noqa: E402
+
 SEQ = 128
 # "tiny" (the embedded tiny model's config) runs the same steps on a CPU in about a minute: a smoke test
 # of this script, not a measurement (float32 there, so its bf16 yardstick is not one).
@@ -238,15 +240,7 @@ def empty_cache() -> None:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in ("torch", "triton", "transformers", "peft", "bitsandbytes", "safetensors"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    return found | {"cuda": torch.version.cuda}
+    return package_versions(("torch", "triton", "transformers", "peft", "bitsandbytes", "safetensors"))
 
 
 def main() -> None:

@@ -25,6 +25,8 @@ import torch
 # which must not find benchmarks/kernels.py.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.versions import package_versions  # noqa: E402
+
 from gemmatune.memory import GIB  # noqa: E402
 
 
@@ -152,10 +154,7 @@ def worker(args) -> None:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    names = ["torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate"]
-    return {n: md.version(n) for n in names} | {"cuda": torch.version.cuda}
+    return package_versions()
 
 
 def main() -> None:

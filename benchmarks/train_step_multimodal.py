@@ -43,6 +43,8 @@ import torch
 # The repo root replaces this script's folder on the path (see benchmarks/train_step.py).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from benchmarks.versions import package_versions  # noqa: E402
+
 from gemmatune.memory import GIB  # noqa: E402
 
 # Real Gemma 4 token ids (transformers' Gemma4Config defaults).
@@ -396,15 +398,7 @@ def run_subprocess(group: dict, folder: Path, args) -> list[dict]:
 
 
 def versions() -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in ["torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate"]:
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = None
-    return found | {"cuda": torch.version.cuda}
+    return package_versions()
 
 
 def main() -> None:
