@@ -96,6 +96,23 @@ def _check(packed, quant_state, out, dtype):
     return n, dtype
 
 
+def kernel_statistics(quant_state, device):
+    """The QuantState's scales as the NF4 kernels take them: (absmax, absmax2, code2, offset,
+    blocksize2, code), fp32 where they compute; without double quantisation the nested
+    arguments are placeholders the kernel never reads (NESTED=False)."""
+    qs = quant_state
+    if qs.nested:
+        offset = qs.offset if torch.is_tensor(qs.offset) else torch.tensor(float(qs.offset), dtype=torch.float32)
+        offset = offset.to(device=device, dtype=torch.float32).reshape(1)
+        return qs.absmax, qs.state2.absmax, qs.state2.code, offset, qs.state2.blocksize, _code(qs, device)
+    absmax = qs.absmax.float()
+    return absmax, absmax, absmax, absmax, 256, _code(qs, device)
+
+
+def _code(quant_state, device):
+    return quant_state.code.to(device=device, dtype=torch.float32)
+
+
 def dequantize_nf4_forward(packed, quant_state, out=None, dtype=None):
     """Launch the kernel; returns out (quant_state.shape, or out's own shape if given)."""
     n, dtype = _check(packed, quant_state, out, dtype)
@@ -103,17 +120,7 @@ def dequantize_nf4_forward(packed, quant_state, out=None, dtype=None):
         out = torch.empty(tuple(quant_state.shape), dtype=dtype, device=packed.device)
     a = _as_bytes(packed)
     qs = quant_state
-    if qs.nested:
-        absmax, absmax2, code2, offset = qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset
-        if not torch.is_tensor(offset):
-            offset = torch.tensor(float(offset), dtype=torch.float32)
-        offset = offset.to(device=a.device, dtype=torch.float32).reshape(1)
-        blocksize2 = qs.state2.blocksize
-    else:
-        absmax = qs.absmax.float()
-        absmax2 = code2 = offset = absmax  # unused
-        blocksize2 = 256
-    code = qs.code.to(device=a.device, dtype=torch.float32)
+    absmax, absmax2, code2, offset, blocksize2, code = kernel_statistics(qs, a.device)
     if n == 0:
         return out
     tile = BYTES_PER_PROGRAM if a.is_cuda else INTERPRETER_BYTES_PER_PROGRAM

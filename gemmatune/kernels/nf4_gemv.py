@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._backend import use_triton
-from .nf4 import BLOCKSIZES, dequantize_nf4_reference
+from .nf4 import BLOCKSIZES, dequantize_nf4_reference, kernel_statistics
 
 MAX_ROWS = 16          # up to this many x rows (decoding a batch of 16); beyond it a GEMM wins
 # Launch settings on a GPU (see launch_settings; benchmarks/tune_nf4_gemv.py sweeps them): packed
@@ -142,17 +142,7 @@ def nf4_gemv_forward(x2, packed, quant_state, bias=None, lora=None):
     M, K = x2.shape
     N = quant_state.shape[0]
     qs = quant_state
-    if qs.nested:
-        absmax, absmax2, code2, offset = qs.absmax, qs.state2.absmax, qs.state2.code, qs.offset
-        if not torch.is_tensor(offset):
-            offset = torch.tensor(float(offset), dtype=torch.float32)
-        offset = offset.to(device=x2.device, dtype=torch.float32).reshape(1)
-        blocksize2 = qs.state2.blocksize
-    else:
-        absmax = qs.absmax.float()
-        absmax2 = code2 = offset = absmax  # unused
-        blocksize2 = 256
-    code = qs.code.to(device=x2.device, dtype=torch.float32)
+    absmax, absmax2, code2, offset, blocksize2, code = kernel_statistics(qs, x2.device)
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     if lora is not None:
         t, lora_b, scale = lora
