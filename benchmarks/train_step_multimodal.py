@@ -364,7 +364,7 @@ def plan(args) -> list[dict]:
         if fp16:
             groups.append(dict(stack="gemmatune", dtype="fp16", workloads=fp16))
     if "capped" in args.groups:
-        groups += [dict(stack="gemmatune", dtype=d, workloads=[], cap=m) for m in ("image", "audio") for d in
+        groups += [dict(stack="gemmatune", dtype=d, workloads=[], cap=m) for m in args.capped_modes for d in
                    ("bf16", "fp16")]
     if args.tower_lora:
         groups += [dict(stack="gemmatune", dtype="bf16", workloads=["image280"], train_tower="vision"),
@@ -409,6 +409,8 @@ def main() -> None:
     parser.add_argument("--stacks", nargs="+", default=["gemmatune", "hf"], choices=["gemmatune", "hf"])
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (after two untimed ones)")
     parser.add_argument("--capped-steps", type=int, default=20)
+    parser.add_argument("--capped-modes", nargs="+", default=["image", "audio"], choices=["image", "audio"],
+                        help="which notebooks' defaults the capped group runs")
     parser.add_argument("--tower-lora", action="store_true", help="also runs with the tower's adapters on")
     parser.add_argument("--group-timeout", type=int, default=300, help="seconds per subprocess")
     parser.add_argument("--ckpt-root", default="/tmp/gemmatune-bench-mm")
