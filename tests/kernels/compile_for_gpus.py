@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 TARGETS = {"sm_75": (75, torch.float16), "sm_90": (90, torch.bfloat16)}  # a T4 has no bf16
 POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8",
-                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8"}
+                 torch.int32: "i32", torch.int64: "i64", torch.int8: "i8", torch.bool: "i1"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 launches = []
@@ -84,7 +84,8 @@ def _launch_every_kernel(dtype):
     fake CUDA tensors (no memory, no GPU), so the wrappers pick their GPU launch settings."""
     import bitsandbytes.functional as bnbF
 
-    from gemmatune.kernels import fused_linear_ce, geglu, nf4, nf4_gemv, qk_norm_rope, rms_norm, row_gather
+    from gemmatune.kernels import (decode_attention, fused_linear_ce, geglu, nf4, nf4_gemv, qk_norm_rope, rms_norm,
+                                   row_gather)
 
     packed, quant_state = bnbF.quantize_4bit(torch.randn(2048, 1536).to(dtype), quant_type="nf4",
                                              compress_statistics=True)  # quantised for real, on the CPU
@@ -106,6 +107,12 @@ def _launch_every_kernel(dtype):
             x = rand(rows, 1536)
             nf4_gemv.nf4_gemv_forward(x, like(packed), quant_state)
             nf4_gemv.nf4_gemv_forward(x, like(packed), quant_state, rand(2048), (rand(rows, 16), rand(2048, 16), 2.0))
+        for k in (1536, 12288):
+            nf4_gemv.lora_down(rand(1, k), rand(16, k))  # the LoRA down-projection of a decode step
+        for heads, kv_heads, head_dim in ((8, 1, 256), (8, 2, 512)):  # a decode step's attention, sliding and full
+            q, kv = rand(1, heads, 1, head_dim), rand(1, kv_heads, 512, head_dim)
+            mask = torch.ones(1, 1, 1, 512, dtype=torch.bool, device="cuda")
+            decode_attention.decode_attention_forward(q, kv, kv, mask, 1.0)
         table = torch.empty(262144, 8960, dtype=dtype, device="cuda")  # the PLE table (pinned, read by the GPU)
         row_gather.gather_rows_forward(table, torch.zeros(1, dtype=torch.int64, device="cuda"), rand(1, 8960))
         x, w = rand(2048, 1536), rand(1536)

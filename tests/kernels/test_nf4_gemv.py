@@ -42,8 +42,9 @@ def _oracle(x, w4, qs, bias, lora_A, lora_B, scale):
     return y
 
 
-CASES = [  # rows, in_features, out_features (odd, tiny, not a multiple of BLOCK_N), blocksize
-    (1, 64, 128, 64), (1, 100, 37, 64), (3, 320, 203, 128), (5, 96, 5, 64), (16, 128, 64, 64), (11, 192, 9, 32),
+CASES = [  # rows, in_features (a multiple of the block or not), out_features (odd, tiny), blocksize
+    (1, 64, 128, 64), (1, 100, 37, 64), (3, 320, 203, 128), (2, 96, 5, 64), (4, 128, 64, 64), (3, 192, 9, 32),
+    (1, 1088, 19, 64), (2, 640, 33, 128),
 ]
 
 
@@ -51,7 +52,9 @@ CASES = [  # rows, in_features, out_features (odd, tiny, not a multiple of BLOCK
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("with_bias, with_lora", [(False, False), (True, True), (False, True)])
 @pytest.mark.parametrize("rows, in_f, out_f, blocksize", CASES)
-def test_gemv_matches_the_oracle(poison_empty, dtype, nested, with_bias, with_lora, rows, in_f, out_f, blocksize):
+def test_gemv_matches_the_oracle(poison_empty, monkeypatch, dtype, nested, with_bias, with_lora, rows, in_f, out_f,
+                                 blocksize):
+    monkeypatch.setattr(mod, "MAX_ROWS", 4)  # the kernel takes any rows; MAX_ROWS only picks it (a speed choice)
     seed = rows * 1000 + in_f + out_f
     w4, qs = _weight(out_f, in_f, dtype, nested, blocksize, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -75,12 +78,17 @@ def test_gemv_matches_the_oracle(poison_empty, dtype, nested, with_bias, with_lo
         assert err <= max(ref_err, 2 ** -11), (err, ref_err)
 
 
-@pytest.mark.parametrize("rows, in_f, out_f", [(1, 1536, 37), (1, 4160, 3), (3, 256, 70), (16, 640, 5), (8, 1600, 2)])
+@pytest.mark.parametrize("rows, in_f, out_f", [(1, 1536, 37), (1, 4160, 3), (3, 256, 70), (4, 640, 5), (2, 1600, 2),
+                                              (1, 1000, 600), (1, 3072, 1100)])
 def test_gpu_launch_settings_in_the_interpreter(monkeypatch, rows, in_f, out_f):
-    """The tiles a GPU gets (one row per program, chunks of a whole row, masked tails), run here."""
-    gpu_settings = mod.launch_settings(rows, in_f, on_gpu=True)
-    monkeypatch.setattr(mod, "launch_settings", lambda r, k, on_gpu: gpu_settings)
-    assert gpu_settings[1] * gpu_settings[2] * gpu_settings[0] <= mod.TILE_BYTES  # registers: see launch_settings
+    """The tiles a GPU gets (whole blocks per chunk, several chunks per row, masked tails, few
+    rows per program for a short matrix), run here."""
+    monkeypatch.setattr(mod, "MAX_ROWS", 4)
+    gpu_settings = mod.launch_settings(in_f, out_f, 64, on_gpu=True)
+    monkeypatch.setattr(mod, "launch_settings", lambda k, n, blocksize, on_gpu: gpu_settings)
+    aligned, block_n, nb, gb, _ = gpu_settings
+    assert block_n * nb * gb <= mod.TILE_BYTES and nb * gb <= mod.MAX_BLOCK_KB  # registers: see launch_settings
+    assert aligned == (in_f % 64 == 0) and (gb == 32 if aligned else nb == 1)
     w4, qs = _weight(out_f, in_f, torch.float32, nested=True, seed=rows)
     g = torch.Generator().manual_seed(2)
     x, bias = torch.randn(rows, in_f, generator=g), torch.randn(out_f, generator=g)
@@ -115,9 +123,10 @@ def test_equals_the_training_path_up_to_the_sum_order():
 # --------------------------------------------------------------------------- GPU tests
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("out_f, in_f", [(2048, 1536), (256, 1536), (1536, 12288), (12288, 1536), (8960, 1536)])
-def test_gpu_gemv_matches_the_oracle_at_gemma_sizes(dtype, rows, out_f, in_f):
+def test_gpu_gemv_matches_the_oracle_at_gemma_sizes(monkeypatch, dtype, rows, out_f, in_f):
+    monkeypatch.setattr(mod, "MAX_ROWS", 4)  # the kernel at several rows (tune_nf4_gemv.py times them)
     w4, qs = _weight(out_f, in_f, dtype, nested=True, device="cuda", seed=rows)
     x = torch.randn(rows, in_f, device="cuda").to(dtype)
     A, B = torch.randn(16, in_f, device="cuda") / in_f ** 0.5, torch.randn(out_f, 16, device="cuda") * 0.1
@@ -128,3 +137,29 @@ def test_gpu_gemv_matches_the_oracle_at_gemma_sizes(dtype, rows, out_f, in_f):
     err, ref_err = rel_max_err(got.cpu(), expected), rel_max_err(reference.cpu(), expected)
     assert err <= max(ref_err, 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11), (err, ref_err)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows, in_f, r", [(1, 1536, 16), (1, 100, 5), (3, 4099, 8), (2, 64, 1)])
+def test_lora_down_matches_fp64(dtype, rows, in_f, r):
+    """t = x @ A^T: fp32 sums rounded once (the kernel where Triton runs, the matmul elsewhere)."""
+    g = torch.Generator().manual_seed(in_f + r)
+    x = torch.randn(rows, in_f, generator=g).to(dtype)
+    a = (torch.randn(r, in_f, generator=g) / in_f ** 0.5)  # fp32 like peft's: cast to x's dtype first
+    got = mod.lora_down(x, a)
+    expected = x.double() @ a.to(dtype).double().t()
+    assert got.dtype == dtype and got.shape == (rows, r) and torch.isfinite(got).all()
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -10  # fp16: one rounding of t
+    assert rel_max_err(got, expected) < tolerance
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f", [1536, 2560, 12288, 1000])
+def test_gpu_lora_down_matches_fp64(dtype, in_f):
+    x = torch.randn(1, in_f, device="cuda").to(dtype)
+    a = torch.randn(16, in_f, device="cuda") / in_f ** 0.5
+    got = mod.lora_down(x, a)
+    expected = x.double() @ a.to(dtype).double().t()
+    err, cublas_err = rel_max_err(got, expected), rel_max_err(x @ a.to(dtype).t(), expected)
+    assert torch.isfinite(got).all() and err <= max(cublas_err, 2 ** -8 if dtype == torch.bfloat16 else 2 ** -11)
