@@ -48,6 +48,7 @@ from gemmatune import towers
 from gemmatune.attention import (attention_math, flash_window_available, sliding_window_attention,
                                  use_math_attention)
 from gemmatune.kernels._backend import kernels_enabled
+from gemmatune.kernels.decode_attention import decode_attention_forward, decode_attention_supported
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear, nf4_linear
 from gemmatune.kernels.nf4_gemv import gemv_supported, nf4_gemv
@@ -126,17 +127,21 @@ def static_cache_attention(self, hidden_states, position_embeddings, attention_m
                            past_key_values, **kwargs):
     """Gemma4TextAttention.forward with gemmatune's static cache (gemmatune.generation): the same
     steps in the same order, with the query and key norm + RoPE in one kernel launch and the
-    weightless v_norm in another (per decode token and layer: 2 launches instead of about 12)."""
+    weightless v_norm in another (per decode token and layer: 2 launches instead of about 12), and
+    a decode step's attention (one query token, boolean mask) through kernels/decode_attention.py."""
     input_shape = hidden_states.shape[:-1]
     query, key, value = _query_key_value(self, hidden_states, position_embeddings, shared_kv_states)
     if not self.is_kv_shared_layer:
         key, value = past_key_values.update(key, value, self.layer_idx)
     if self.store_full_length_kv:
         shared_kv_states[self.layer_type] = key, value
-    attend = hf_gemma4.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                             hf_gemma4.eager_attention_forward)
-    out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
-                    sliding_window=self.sliding_window, **kwargs)
+    if decode_attention_supported(query, key, value, attention_mask):
+        out = decode_attention_forward(query, key, value, attention_mask, self.scaling)
+    else:
+        attend = hf_gemma4.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                 hf_gemma4.eager_attention_forward)
+        out, _ = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
+                        sliding_window=self.sliding_window, **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
 
 
