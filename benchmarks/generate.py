@@ -235,10 +235,9 @@ def hf_worker(ckpt: str, dtype: torch.dtype, quick: bool) -> list[dict]:
     model.eval()
     lora = base | dict(lora=True)
     safe(records, lora, lambda: measure(run, 1, 64, 0))
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and not quick:
         safe(records, lora, lambda: measure(run, 1, 256, 0))
-        if not quick:
-            safe(records, lora, lambda: measure(run, 8, 64, 0))
+        safe(records, lora, lambda: measure(run, 8, 64, 0))
     return records
 
 

@@ -19,6 +19,7 @@ import gemmatune
 from gemmatune import generation, patching
 from gemmatune.chat import _reply_streamer, left_padded, stop_token_ids
 from gemmatune.generation import generate
+from gemmatune.kernels import nf4_gemv
 from tests.conftest import load_tiny
 
 LENGTHS = (5, 23, 40)  # one prompt shorter than the sliding window (16), two longer
@@ -125,20 +126,45 @@ def test_kernels_and_4bit_lora(monkeypatch):
     """Triton kernels on (the interpreter, slow: few tokens): NF4 + LoRA layers through the NF4
     GEMV with the adapters' decode copies, the fused norm + RoPE attention on the static cache, and
     the PLE rows gathered by the row-gather kernel inside each decode step. The stock generate runs
-    the same patched model (its steps take the GEMV too; kernels/test_nf4_gemv.py checks it)."""
+    the same patched model (its steps take the GEMV too; kernels/test_nf4_gemv.py checks it), and
+    the decode steps' attention through kernels/decode_attention.py. A batch of two: the GEMV is
+    allowed two rows here (it takes any number; MAX_ROWS = 1 on a GPU is a speed choice)."""
     monkeypatch.setenv("GEMMATUNE_KERNELS", "1")
+    monkeypatch.setattr(nf4_gemv, "MAX_ROWS", 2)
     model, tokenizer = varied_model(lora=True, load_in_4bit=True, use_kernels=True)
     assert "KernelLoRALinear4bit" in {type(m).__name__ for m in model.modules()}
     parts = generation.ModelParts.of(model)
     assert generation.DecodeState(parts, 2, 256).ple_out is not None  # rows through the kernel
-    calls = {"gemv": 0, "static attention": 0}
+    calls = {"gemv": 0, "static attention": 0, "decode attention": 0}
     count(monkeypatch, patching, "nf4_gemv", calls, "gemv")
     count(monkeypatch, patching, "static_cache_attention", calls, "static attention")
+    count(monkeypatch, patching, "decode_attention_forward", calls, "decode attention")
     input_ids, attention_mask = left_padded(prompts((9, 20)), 0)
     stops = stop_token_ids(tokenizer)
     got = generate(model, input_ids, attention_mask, max_new_tokens=4, stop_token_ids=stops)
-    assert calls["gemv"] > 0 and calls["static attention"] > 0
+    assert calls["gemv"] > 0 and calls["static attention"] > 0 and calls["decode attention"] > 0
     assert torch.equal(got, stock(model, input_ids, attention_mask, 4, stops))
+
+
+def test_kernels_after_load_adapter_take_the_fast_path(monkeypatch, tmp_path):
+    """A 4-bit model with a saved adapter loaded back (load_adapter) decodes through the same
+    NF4 GEMV and decode attention as the model that was trained (chat's speed holds after a
+    reload), with the same tokens. One prompt: the GEMV's own MAX_ROWS."""
+    monkeypatch.setenv("GEMMATUNE_KERNELS", "1")
+    model, tokenizer = varied_model(lora=True, load_in_4bit=True, use_kernels=True)
+    saved = gemmatune.save_adapter(model, tokenizer, tmp_path / "adapter")
+    base, _ = load_tiny(load_in_4bit=True, use_kernels=True)
+    base.lm_head.weight = model.lm_head.weight  # varied_model's head (not part of the adapter)
+    reloaded = gemmatune.load_adapter(base, saved)
+    classes = [type(m).__name__ for m in reloaded.modules() if hasattr(m, "lora_A")]
+    assert classes and set(classes) == {"KernelLoRALinear4bit"}  # the LoRA update inside the GEMV, not peft's
+    calls = {"gemv": 0, "decode attention": 0}
+    count(monkeypatch, patching, "nf4_gemv", calls, "gemv")
+    count(monkeypatch, patching, "decode_attention_forward", calls, "decode attention")
+    input_ids, attention_mask = left_padded(prompts((11,)), 0)
+    got = generate(reloaded, input_ids, attention_mask, max_new_tokens=4)
+    assert calls["gemv"] > 0 and calls["decode attention"] > 0
+    assert torch.equal(got, generate(model, input_ids, attention_mask, max_new_tokens=4))
 
 
 def count(monkeypatch, module, name, calls, key):
