@@ -255,9 +255,6 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(records), flush=True)
 
 
-def versions() -> dict:
-    return package_versions()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -279,7 +276,7 @@ def main() -> None:
     from benchmarks.train_step import build_checkpoint
 
     command = "python " + " ".join(sys.argv)
-    gpu, found = torch.cuda.get_device_name(0), versions()
+    gpu, found = torch.cuda.get_device_name(0), package_versions()
     records = []
     for model in args.models:
         folder = Path(args.ckpt_root) / model

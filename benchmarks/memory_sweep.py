@@ -18,7 +18,8 @@ import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
 
-from benchmarks.train_step import GIB, build_checkpoint, random_batch, versions  # noqa: E402
+from benchmarks.train_step import GIB, build_checkpoint, random_batch  # noqa: E402
+from benchmarks.versions import package_versions  # noqa: E402
 
 
 def sweep(model_name: str, folder: Path, seqs: list[int], modes: list[str], dtype) -> list[dict]:
@@ -86,7 +87,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     command = "python " + " ".join(sys.argv)
     for r in records:
-        r.update(gpu=torch.cuda.get_device_name(0), versions=versions(), command=command)
+        r.update(gpu=torch.cuda.get_device_name(0), versions=package_versions(), command=command)
     for model in args.models:
         fits = [r["seq"] for r in records if r["model"] == model and not r["error"] and r["peak_allocated_gib"] <= 8]
         print(f"{model}: longest measured sequence within 8 GiB peak allocated: {max(fits) if fits else None}")

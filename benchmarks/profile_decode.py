@@ -11,28 +11,21 @@ adapters disabled. A diagnostic: it prints, and writes nothing to benchmarks/res
 """
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
 
-from benchmarks.generate import add_random_lora_b, prompts  # noqa: E402
+from benchmarks.generate import add_random_lora_b, prompts, timed  # noqa: E402
 from benchmarks.train_step import build_checkpoint  # noqa: E402
 
 
 def ms_per_token(run, tokens: int, repeats: int = 3) -> float:
     """Decode milliseconds per token: (time of `tokens` tokens - time of 1 token) / (tokens - 1)."""
-    def timed(n):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        run(n)
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-    timed(tokens)
-    one = min(timed(1) for _ in range(repeats))
-    full = min(timed(tokens) for _ in range(repeats))
+    timed(lambda: run(tokens))
+    one = min(timed(lambda: run(1)) for _ in range(repeats))
+    full = min(timed(lambda: run(tokens)) for _ in range(repeats))
     return (full - one) * 1e3 / (tokens - 1)
 
 

@@ -153,9 +153,6 @@ def worker(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def versions() -> dict:
-    return package_versions()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,7 +192,7 @@ def main() -> None:
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             result = json.loads(line[7:]) if line else {"error": (out.stderr or out.stdout)[-1500:]}
             record = dict(model=model, stack=stack, seq=seq, batch=args.batch, dtype=dtype, **result, gpu=gpu,
-                          versions=versions(), command=command)
+                          versions=package_versions(), command=command)
             records.append(record)
             print(format_row(record), flush=True)
     date = datetime.date.today().isoformat()

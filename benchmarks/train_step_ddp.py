@@ -33,7 +33,8 @@ import torch
 # The repo root replaces this script's folder on the path (see benchmarks/train_step.py).
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.train_step import build_checkpoint, versions  # noqa: E402
+from benchmarks.train_step import build_checkpoint  # noqa: E402
+from benchmarks.versions import package_versions  # noqa: E402
 from gemmatune.memory import GIB  # noqa: E402
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -125,7 +126,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         single = None
         for gpus in (1, args.gpus):
-            record = run(model, ckpt, gpus, args) | dict(gpu=gpu, versions=versions(), command=command)
+            record = run(model, ckpt, gpus, args) | dict(gpu=gpu, versions=package_versions(), command=command)
             if gpus == 1:
                 single = record
             elif "error" not in record and "error" not in single:

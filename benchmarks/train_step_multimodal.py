@@ -397,9 +397,6 @@ def run_subprocess(group: dict, folder: Path, args) -> list[dict]:
     return records
 
 
-def versions() -> dict:
-    return package_versions()
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -443,7 +440,7 @@ def main() -> None:
             continue
         for group in plan(args):
             for record in run_subprocess(group, folder, args):
-                record = dict(model=model, **record, gpu=gpu, versions=versions(), command=command)
+                record = dict(model=model, **record, gpu=gpu, versions=package_versions(), command=command)
                 records.append(record)
                 print(format_row(record), flush=True)
             out_path.write_text(json.dumps(records, indent=1))

@@ -46,6 +46,17 @@ def assert_rel_close(actual, expected, tol, name=""):
     assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
+def assert_graphed_steps_match_eager(results):
+    """results[graphs] = (losses, LoRA gradients per step) of the same steps with CUDA graphs on
+    (True) and off (False): the replayed steps give the eager losses and gradients."""
+    (eager_losses, eager_grads), (graph_losses, graph_grads) = results[False], results[True]
+    for i, (a, b) in enumerate(zip(graph_losses, eager_losses)):
+        assert_rel_close(a.float(), b.float(), 1e-2, f"loss {i}")
+    for i, grads in enumerate(eager_grads):
+        for name in grads:
+            assert_rel_close(graph_grads[i][name], grads[name], 5e-2, f"step {i} {name}")
+
+
 def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
