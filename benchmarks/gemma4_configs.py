@@ -2,7 +2,8 @@
 
 Built from the published architecture facts (see the developers' guide): E2B hidden 1536,
 35 layers, last 20 KV-shared with a double-wide MLP; E4B hidden 2560, 42 layers, last 18
-KV-shared, no double-wide MLP (with it the count would be 8.88 B, not the measured 7.46 B); vocab 262144, PLE 256 per layer, sliding window 512, softcap 30, head_dim 256 on
+KV-shared, no double-wide MLP (with it the count would be 8.88 B, not the measured 7.46 B); vocab 262144,
+PLE 256 per layer, sliding window 512, softcap 30, head_dim 256 on
 sliding layers and 512 on full layers. Parameter counts are checked against the counts
 measured on the real checkpoints' text models (4.63 B and 7.46 B with PLE).
 """

@@ -1,7 +1,7 @@
 """Decode speed: gemmatune's generation vs the stock Hugging Face stack, same checkpoint, same call.
 
-    python benchmarks/generate.py --models e2b    # then --models e4b: about 4-5 minutes each on an H200 (estimated)
-    python benchmarks/generate.py --models e2b --dtypes bf16 --quick
+    python -m benchmarks.generate --models e2b    # then --models e4b: about 4-5 minutes each on an H200 (estimated)
+    python -m benchmarks.generate --models e2b --dtypes bf16 --quick
 
 Builds a random-weight checkpoint from the real E2B/E4B text configs (benchmarks/gemma4_configs.py,
 shared with train_step.py), then runs each (model, stack, dtype) in its own subprocess (clean
@@ -9,7 +9,7 @@ memory statistics; one failure does not stop the others):
 
 - gemmatune: `gemmatune.load_model` (4-bit NF4, PLE table in pinned CPU memory), measured once
   before and then after `add_lora` (r=16 on q,k,v,o,gate,up,down, random nonzero B: adapters
-  active, unmerged), through `gemmatune.generation.generate` (what chat() and generate_replies()
+  active, unmerged), through `gemmatune.generation.decoding.generate` (what chat() and generate_replies()
   call). Variants at batch 1 x 64 tokens: the NF4 GEMV off (GEMMATUNE_NF4_GEMV=0: dequantise +
   GEMM per layer) and CUDA graphs off. Plus the first and second `gemmatune.chat()` calls, and a
   greedy-equality check of the fast path against the same model's `model.generate` (the plain
@@ -23,11 +23,10 @@ run generates exactly `new_tokens` (no stop tokens; `min_new_tokens` for the sto
 decode_tokens_per_s = batch * (new_tokens - 1) / (time(new_tokens) - time(1 token)): the prefill and
 first token are taken out, the same way for both stacks. first_call_s is the first call of that
 configuration (it compiles kernels and captures the CUDA graph), reported apart from the median of
-the later calls. Writes benchmarks/results/<date>-h200-generate-<models>.json (one record per run) and
+the later calls. Writes benchmarks/results/<date>-<gpu>-generate-<models>.json (one record per run) and
 prints a table with gemmatune / hf ratios at equal model, dtype, batch, tokens and LoRA.
 """
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -38,13 +37,8 @@ from pathlib import Path
 
 import torch
 
-# The repo root replaces this script's folder on the path: transformers probes `import kernels`,
-# which must not find benchmarks/kernels.py.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.versions import package_versions  # noqa: E402
-
-from gemmatune.memory import GIB  # noqa: E402
+from benchmarks.records import command_line, package_versions, results_file
+from gemmatune.model.memory import GIB
 
 PROMPT_TOKENS = 32
 VOCAB = {"size": 262144}  # set from the checkpoint by the worker
@@ -53,7 +47,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def prompts(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded random prompts: row i has PROMPT_TOKENS - 3 * i tokens (all of them at batch 1)."""
-    from gemmatune.chat import left_padded
+    from gemmatune.generation.replies import left_padded
 
     gen = torch.Generator().manual_seed(seed)
     rows = [[2] + torch.randint(10, VOCAB["size"], (PROMPT_TOKENS - 1 - 3 * i,), generator=gen).tolist()
@@ -114,7 +108,7 @@ def gemmatune_worker(ckpt: str, dtype: torch.dtype, quick: bool) -> list[dict]:
     """Load, add_lora, two chat() calls (the first one cold: kernels compile, the graph is captured),
     then the measurements with the adapters active, then the same model with them disabled."""
     import gemmatune
-    from gemmatune import generation
+    import gemmatune.generation.decoding as generation_decoding
 
     records = []
     loaded_at = time.perf_counter()
@@ -124,10 +118,10 @@ def gemmatune_worker(ckpt: str, dtype: torch.dtype, quick: bool) -> list[dict]:
     lora = dict(stack="gemmatune", lora=True, variant="graphs+gemv", load_s=time.perf_counter() - loaded_at)
 
     def run(ids, mask, n, **kw):
-        return generation.generate(model, ids, mask, max_new_tokens=n, stop_token_ids=[], pad_token_id=0, **kw)
+        return generation_decoding.generate(model, ids, mask, max_new_tokens=n, stop_token_ids=[], pad_token_id=0, **kw)
 
     def record(label, fn):  # every gemmatune record says whether its steps were graphed
-        safe(records, label, fn, describe=lambda: generation.describe(model))
+        safe(records, label, fn, describe=lambda: generation_decoding.describe(model))
 
     record(lora | dict(variant="chat"), lambda: chat_calls(gemmatune, model, tokenizer))
     record(lora, lambda: measure(run, 1, 64, 5))
@@ -160,7 +154,7 @@ def chat_calls(gemmatune, model, tokenizer) -> dict:
 def with_env(name: str, value: str, model, fn):
     """Run fn with an environment switch, dropping the kept graphs before and after (they were
     captured with the other setting)."""
-    from gemmatune.generation import release_decoders
+    from gemmatune.generation.decoding import release_decoders
 
     old = os.environ.get(name)
     os.environ[name] = value
@@ -275,7 +269,7 @@ def main() -> None:
 
     from benchmarks.train_step import build_checkpoint
 
-    command = "python " + " ".join(sys.argv)
+    command = command_line()
     gpu, found = torch.cuda.get_device_name(0), package_versions()
     records = []
     for model in args.models:
@@ -283,13 +277,12 @@ def main() -> None:
         build_checkpoint(model, folder)
         for dtype in args.dtypes:
             for stack in args.stacks:
-                cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--ckpt", str(folder), "--dtype", dtype]
+                cmd = [sys.executable, "-m", "benchmarks.generate", "--worker", "--stack", stack, "--ckpt", str(folder),
+                       "--dtype", dtype]
                 cmd += ["--quick"] if args.quick else []
                 for record in run_worker(cmd, args.worker_timeout):
                     records.append(dict(model=model, dtype=dtype, **record, gpu=gpu, versions=found, command=command))
-    date = datetime.date.today().isoformat()
-    name = f"{date}-h200-generate-{'-'.join(args.models)}.json"
-    out_path = Path(args.out or Path(__file__).parent / "results" / name)
+    out_path = Path(args.out or results_file(f"generate-{'-'.join(args.models)}"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(records, indent=1))
     print_table(records)

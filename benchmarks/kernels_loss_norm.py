@@ -8,16 +8,15 @@ GEGLU it also reports achieved GB/s: the bytes a fused forward + backward must m
 kernel below) divided by the time. Shapes are Gemma 4 E2B and E4B, 2048 tokens, bf16; the LM
 head is frozen (as in LoRA training), so the loss backward produces d hidden only.
 
-Called by the driver benchmarks/kernels.py; CUDA only (prints a note and returns otherwise).
+Called by the driver benchmarks/kernel_suite.py; CUDA only (prints a note and returns otherwise).
 """
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import median_ms
 from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from gemmatune.kernels.geglu import geglu, geglu_reference
 from gemmatune.kernels.rms_norm import rms_norm, rms_norm_reference
-
-from benchmarks.timing import median_ms
 
 SIZES = {"E2B": dict(hidden=1536, intermediate=6144), "E4B": dict(hidden=2560, intermediate=10240)}
 TOKENS, VOCAB, SOFTCAP, DTYPE = 2048, 262144, 30.0, torch.bfloat16
@@ -133,7 +132,7 @@ def run(record):
     liger = _liger()
     gen = torch.Generator(device=dev).manual_seed(0)
     for size_name, size in SIZES.items():
-        H, I = size["hidden"], size["intermediate"]
+        H, I = size["hidden"], size["intermediate"]  # noqa: E741 (the paper's names)
 
         # --- fused linear cross-entropy (loss only; gbps None: it is matmul-bound) -------------
         h = torch.randn(TOKENS, H, device=dev, generator=gen).to(DTYPE).requires_grad_(True)

@@ -1,7 +1,7 @@
 """Benchmarks: qk_norm_rope (alone and as a query/key pair), dequantize_nf4 and lora_nf4_linear
 against what they replace.
 
-`run(record)` is called by benchmarks/kernels.py. On CUDA it times the median of CUDA-graph replays
+`run(record)` is called by benchmarks/kernel_suite.py. On CUDA it times the median of CUDA-graph replays
 (benchmarks/timing.py), measures the peak memory a call allocates on top of its inputs, the max relative error
 against an fp64 (or bit-exact) reference, and a physical rate: GB/s for the memory-bound kernels
 (qk_norm_rope, dequantisation; compare with the `copy_ceiling` record, a plain device copy) and
@@ -85,11 +85,18 @@ def _ceilings(record, dev, cuda):
 
 def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-    from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextRotaryEmbedding,
-                                                            apply_rotary_pos_emb)
+    from transformers.models.gemma4.modeling_gemma4 import (
+        Gemma4RMSNorm,
+        Gemma4TextRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
 
-    from gemmatune.kernels.qk_norm_rope import (qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
-                                                qk_norm_rope_reference)
+    from gemmatune.kernels.qk_norm_rope import (
+        qk_norm_rope,
+        qk_norm_rope_backward,
+        qk_norm_rope_forward,
+        qk_norm_rope_reference,
+    )
 
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -171,8 +178,11 @@ def _bench_qk_pair(record, dev, dtype, cuda, tokens, shapes):
     replaces, timed on the same inputs so both see the same L2 cache), two eager and two Liger
     calls."""
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-    from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextRotaryEmbedding,
-                                                            apply_rotary_pos_emb)
+    from transformers.models.gemma4.modeling_gemma4 import (
+        Gemma4RMSNorm,
+        Gemma4TextRotaryEmbedding,
+        apply_rotary_pos_emb,
+    )
 
     from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair, qk_norm_rope_reference
 

@@ -1,34 +1,30 @@
 """Peak GPU memory of gemmatune's training step over sequence lengths (and the 8 GiB limit).
 
-    python benchmarks/memory_sweep.py --models e2b e4b --seq 1024 2048 4096 8192 16384 32768
+    python -m benchmarks.memory_sweep --models e2b e4b --seq 1024 2048 4096 8192 16384 32768
 
 One process per model (random-weight checkpoint from benchmarks/gemma4_configs.py): for each
 sequence length and checkpointing mode, three steps of batch 1 (eager, graph capture, replay)
-after a reset of the peak statistics, next to gemmatune.memory.predict_peak_gib's prediction.
-Writes benchmarks/results/<date>-h200-memory.json; the longest length under 8 GiB is printed.
+after a reset of the peak statistics, next to gemmatune.model.memory.predict_peak_gib's prediction.
+Writes benchmarks/results/<date>-<gpu>-memory.json; the longest length under 8 GiB is printed.
 """
 import argparse
-import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
-
-from benchmarks.train_step import GIB, build_checkpoint, random_batch  # noqa: E402
-from benchmarks.versions import package_versions  # noqa: E402
+from benchmarks.records import command_line, package_versions, results_file
+from benchmarks.train_step import GIB, build_checkpoint, random_batch
 
 
 def sweep(model_name: str, folder: Path, seqs: list[int], modes: list[str], dtype) -> list[dict]:
     import gemmatune
-    from gemmatune.graphs import MicroStep
-    from gemmatune.loss import count_label_tokens
-    from gemmatune.memory import predict_peak_gib
-    from gemmatune.patching import enable_gradient_checkpointing
-    from gemmatune.trainer import adamw_8bit
+    from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
+    from gemmatune.model.memory import predict_peak_gib
+    from gemmatune.training.loss import count_label_tokens
+    from gemmatune.training.optimizer import adamw_8bit
+    from gemmatune.training.step import MicroStep
 
     model, _ = gemmatune.load_model(str(folder), dtype=dtype, verbose=False)
     model = gemmatune.add_lora(model, r=16)
@@ -85,14 +81,13 @@ def main() -> None:
         build_checkpoint(model, folder)
         records += sweep(model, folder, args.seq, args.modes, torch.bfloat16)
         torch.cuda.empty_cache()
-    command = "python " + " ".join(sys.argv)
+    command = command_line()
     for r in records:
         r.update(gpu=torch.cuda.get_device_name(0), versions=package_versions(), command=command)
     for model in args.models:
         fits = [r["seq"] for r in records if r["model"] == model and not r["error"] and r["peak_allocated_gib"] <= 8]
         print(f"{model}: longest measured sequence within 8 GiB peak allocated: {max(fits) if fits else None}")
-    date = datetime.date.today().isoformat()
-    out = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-memory.json")
+    out = Path(args.out or results_file("memory"))
     out.write_text(json.dumps(records, indent=1))
     print(f"wrote {out}")
 

@@ -1,6 +1,6 @@
 """Full-size merge check: merged E2B/E4B checkpoints give the adapter-on logits, loaded by plain transformers.
 
-    python benchmarks/merge_check.py                  # E2B and E4B, text + image + audio, a few minutes
+    python -m benchmarks.merge_check                  # E2B and E4B, text + image + audio, a few minutes
 
 For each model: build a random-weight multimodal checkpoint from the released configs (text: benchmarks/
 gemma4_configs.py; vision and audio towers: transformers' Gemma4VisionConfig / Gemma4AudioConfig defaults,
@@ -16,7 +16,7 @@ Yardsticks in the JSON, per input: `merge_vs_adapter` (merged vs adapter-on: the
 arithmetic alone changes), `lora_effect` (adapter-on vs adapter off: what the adapter changes, so a
 merge that lost it shows). All are mean absolute logit differences.
 
-    python benchmarks/merge_check.py --dtype float32  # the exactness check (merged and computed in fp32)
+    python -m benchmarks.merge_check --dtype float32  # the exactness check (merged and computed in fp32)
 
 Why two dtypes: a random-weight model of 35-42 layers amplifies rounding (its top logits are close and
 its activations chaotic), so in bf16 the arithmetic noise alone (~0.5) is as large as the adapter's
@@ -25,10 +25,9 @@ from noise. In float32 (gemmatune's 4-bit model with fp32 compute, merged in fp3
 merge's error is rounding only, orders of magnitude below the adapter's effect.
 `pass`, bf16: merge_vs_adapter <= 2 x bf16_noise + 1e-4, argmax agreement >= 0.98 and lora_effect >= 5 x
 merge_vs_adapter. float32: argmax agreement >= 0.98 and lora_effect >= 100 x merge_vs_adapter.
-Writes benchmarks/results/<date>-h200-merge-check-<models>[-float32].json after each model.
+Writes benchmarks/results/<date>-<gpu>-merge-check-<models>[-float32].json after each model.
 """
 import argparse
-import datetime
 import json
 import os
 import shutil
@@ -39,11 +38,7 @@ from pathlib import Path
 
 import torch
 
-# The repo root replaces this script's folder on the path: transformers probes `import kernels`,
-# which must not find benchmarks/kernels.py.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.versions import package_versions  # noqa: E402
+from benchmarks.records import command_line, package_versions, results_file
 
 SEQ = 128
 # "tiny" (the embedded tiny model's config) runs the same steps on a CPU in about a minute: a smoke test
@@ -58,7 +53,7 @@ def full_config(model: str):
     from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
 
     if model == "tiny":
-        from gemmatune.tiny import build_tiny_config
+        from gemmatune.model.tiny import build_tiny_config
 
         return build_tiny_config()
     from benchmarks.gemma4_configs import CONFIGS
@@ -72,7 +67,7 @@ def build_checkpoint(model: str, folder: Path) -> dict:
     from safetensors.torch import save_file
     from transformers import Gemma4ForConditionalGeneration
 
-    from gemmatune.tiny import build_tiny_tokenizer
+    from gemmatune.model.tiny import build_tiny_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     build_tiny_tokenizer().save_pretrained(folder)  # any tokenizer: the check feeds token ids
@@ -164,8 +159,9 @@ def reference_logits(folder: Path, work: Path, config) -> dict:
     The text-only fine-tune is what is merged (the notebooks' path: its towers come from the checkpoint
     files). Image and audio need the towers in memory: its saved adapter goes onto the multimodal 4-bit
     model with load_adapter, so those references use exactly the merged LoRA weights."""
-    import gemmatune
     from safetensors.torch import save_file
+
+    import gemmatune
 
     cases, out, timings = inputs(config), {}, {}
     model = fine_tune(folder)
@@ -242,7 +238,8 @@ def check_model(model: str, root: Path) -> dict:
     record["merged_has_every_checkpoint_tensor"] = merged_keys == source_keys
     record["merged_gib"] = sum(f.stat().st_size for f in (work / "merged").glob("*.safetensors")) / 2**30
     shutil.rmtree(folder)  # the disk holds one checkpoint + its merge at a time
-    out = subprocess.run([sys.executable, __file__, "--plain", str(work), "--dtype", str(DTYPE).split(".")[1]],
+    plain = ["-m", "benchmarks.merge_check", "--plain", str(work), "--dtype", str(DTYPE).split(".")[1]]
+    out = subprocess.run([sys.executable, *plain],
                          capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
     record["plain_transformers"] = json.loads(line[7:]) if line else {"error": (out.stderr or out.stdout)[-2000:]}
@@ -274,9 +271,7 @@ def main() -> None:
         print("RESULT " + json.dumps(plain_check(Path(args.plain))), flush=True)
         return
     os.environ.setdefault("GEMMATUNE_DASHBOARD", "off")
-    date = datetime.date.today().isoformat()
-    name = f"{date}-h200-merge-check-{'-'.join(args.models)}{'-float32' * (args.dtype == 'float32')}.json"
-    out = Path(args.out or Path(__file__).parent / "results" / name)
+    out = Path(args.out or results_file(f"merge-check-{'-'.join(args.models)}{'-float32' * (args.dtype == 'float32')}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     records = []
     for model in args.models:
@@ -285,7 +280,7 @@ def main() -> None:
         except Exception as error:  # keep the other model's result
             record = {"model": model, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
         record |= {"gpu": torch.cuda.get_device_name(0) if ON_GPU else "cpu", "versions": versions(),
-                   "command": "python " + " ".join(sys.argv)}
+                   "command": command_line()}
         records.append(record)
         print(json.dumps(record, indent=1), flush=True)
         out.write_text(json.dumps(records, indent=1))  # after each model: a run cut short keeps what it did

@@ -1,20 +1,17 @@
 """Host-side cost of one call: how many microseconds of Python/launch each op costs the CPU.
 
-    python benchmarks/overhead.py
+    python -m benchmarks.overhead
 
 At batch 1 x 2048 tokens a Gemma 4 training step launches thousands of small kernels; when
 the CPU needs longer to issue them than the GPU needs to run them, the GPU idles. This
 times the *issue* cost (no synchronisation inside the loop) of gemmatune's kernel wrappers
 next to plain ATen ops, and the GPU time of Gemma 4's attention through SDPA and through
-gemmatune.attention: head_dim 512 (full layers) and the 512-token sliding window. A diagnostic: it prints, writes nothing.
+gemmatune.model.attention: head_dim 512 (full layers) and the 512-token sliding window. A diagnostic: it prints,
+writes nothing.
 """
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
 
 
 def issue_us(fn, n: int = 300) -> float:
@@ -86,7 +83,7 @@ def main() -> None:
     print(f"  sdpa bool mask   {gpu_ms(lambda: run(lambda: sdpa(q, k, v, attn_mask=mask, scale=1.0))):7.2f} ms")
     print(f"  sdpa is_causal   {gpu_ms(lambda: run(lambda: sdpa(q, k, v, is_causal=True, scale=1.0))):7.2f} ms")
     try:
-        from gemmatune.attention import attention_math
+        from gemmatune.model.attention import attention_math
 
         print(f"  gemmatune math   {gpu_ms(lambda: run(lambda: attention_math(q, k, v, mask, 1.0))):7.2f} ms")
     except ImportError:
@@ -97,15 +94,17 @@ def main() -> None:
     k, v = (torch.randn(1, 2, 2048, 256, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     pos = torch.arange(2048, device=dev)
     window_mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 512)
-    print(f"  sdpa sliding mask {gpu_ms(lambda: run(lambda: sdpa(q, k, v, attn_mask=window_mask, enable_gqa=True))):7.2f} ms")
+    masked = gpu_ms(lambda: run(lambda: sdpa(q, k, v, attn_mask=window_mask, enable_gqa=True)))
+    print(f"  sdpa sliding mask {masked:7.2f} ms")
     print(f"  sdpa is_causal    {gpu_ms(lambda: run(lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True))):7.2f} ms")
     try:
-        from gemmatune.attention import flash_window_works, sliding_window_attention, sliding_window_blocks
+        from gemmatune.model.attention import flash_window_works, sliding_window_attention, sliding_window_blocks
 
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         print(f"  gemmatune blocks  {gpu_ms(lambda: run(lambda: sliding_window_blocks(q, k, v, 512, 1 / 16))):7.2f} ms")
         label = "flash window" if flash_window_works(qt) else "(no flash: blocks)"
-        print(f"  gemmatune {label:8} {gpu_ms(lambda: run(lambda: sliding_window_attention(qt, kt, vt, 512, 1 / 16))):7.2f} ms")
+        ms = gpu_ms(lambda: run(lambda: sliding_window_attention(qt, kt, vt, 512, 1 / 16)))
+        print(f"  gemmatune {label:8} {ms:7.2f} ms")
     except ImportError:
         pass
 

@@ -1,24 +1,21 @@
 """Where a decode step spends its time: GPU kernels by name, launches per token, graph vs eager.
 
-    python benchmarks/profile_decode.py --model e2b          # about a minute on an H200
+    python -m benchmarks.profile_decode --model e2b          # about a minute on an H200
 
 Loads the random-weight checkpoint of benchmarks/train_step.py with gemmatune (4-bit), adds LoRA
-r=16 with random nonzero B, and times `gemmatune.generation.generate` at batch 1 with CUDA graphs
+r=16 with random nonzero B, and times `gemmatune.generation.decoding.generate` at batch 1 with CUDA graphs
 (what chat() runs) and without; then profiles eager decode steps with torch.profiler: the GPU time
 of each kernel per token, how many launches a token takes, and how much of a graphed step's time
 the kernels themselves account for (the rest is the gaps between launches). Then the same with the
 adapters disabled. A diagnostic: it prints, and writes nothing to benchmarks/results/.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
-
-from benchmarks.generate import add_random_lora_b, prompts, timed  # noqa: E402
-from benchmarks.train_step import build_checkpoint  # noqa: E402
+from benchmarks.generate import add_random_lora_b, prompts, timed
+from benchmarks.train_step import build_checkpoint
 
 
 def ms_per_token(run, tokens: int, repeats: int = 3) -> float:
@@ -30,7 +27,8 @@ def ms_per_token(run, tokens: int, repeats: int = 3) -> float:
 
 
 def profile(run, tokens: int, graphed_ms: float, label: str, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     run(tokens)
     torch.cuda.synchronize()
@@ -58,7 +56,7 @@ def main() -> None:
     parser.add_argument("--ckpt-root", default="/tmp/gemmatune-bench")
     args = parser.parse_args()
     import gemmatune
-    from gemmatune import generation
+    import gemmatune.generation.decoding as generation_decoding
 
     folder = Path(args.ckpt_root) / args.model
     build_checkpoint(args.model, folder)
@@ -69,7 +67,7 @@ def main() -> None:
     ids, mask = prompts(1)
 
     def run(n, graphs=True):
-        return generation.generate(model, ids, mask, max_new_tokens=n, stop_token_ids=[], pad_token_id=0,
+        return generation_decoding.generate(model, ids, mask, max_new_tokens=n, stop_token_ids=[], pad_token_id=0,
                                    cuda_graphs=graphs)
 
     for label, context in (("LoRA on", None), ("adapters disabled", model.disable_adapter)):
@@ -79,7 +77,7 @@ def main() -> None:
         graphed = ms_per_token(run, args.tokens)
         eager = ms_per_token(lambda n: run(n, graphs=False), args.tokens, repeats=1)
         print(f"\n{args.model} {args.dtype} {label}: graphed {graphed:.2f} ms/token ({1e3 / graphed:.1f} tok/s), "
-              f"eager {eager:.2f} ms/token; {generation.describe(model)}", flush=True)
+              f"eager {eager:.2f} ms/token; {generation_decoding.describe(model)}", flush=True)
         profile(lambda n: run(n, graphs=False), args.tokens, graphed, label, args.rows)
         if context is not None:
             manager.__exit__(None, None, None)

@@ -1,6 +1,6 @@
 """Where a full-size training step spends its time: variants side by side, then a profile.
 
-    python benchmarks/profile_step.py --model e2b --seq 2048
+    python -m benchmarks.profile_step --model e2b --seq 2048
 
 Times gemmatune's step with pieces switched off one at a time (kernels, checkpointing
 modes) in one process, then profiles the default step with torch.profiler: the top ops
@@ -10,15 +10,12 @@ the kernels. Finishes with the stock stack's timing and busy fraction for compar
 This is a diagnostic: it prints, and writes nothing to benchmarks/results/.
 """
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
-
-from benchmarks.train_step import build_checkpoint, setup_gemmatune, setup_hf  # noqa: E402
+from benchmarks.train_step import build_checkpoint, setup_gemmatune, setup_hf
 
 
 def time_steps(step, n: int = 4, warmup: int = 2) -> float:
@@ -35,7 +32,8 @@ def time_steps(step, n: int = 4, warmup: int = 2) -> float:
 
 
 def profile(step, label: str, rows: int = 25) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     step()
     torch.cuda.synchronize()
@@ -105,7 +103,7 @@ def main() -> None:
     folder = Path(args.ckpt_root) / args.model
     build_checkpoint(args.model, folder)
 
-    from gemmatune.patching import enable_gradient_checkpointing
+    from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
 
     step, model, _, _ = setup_gemmatune(str(folder), args.seq, 1, torch.bfloat16)
     if args.sync_check:

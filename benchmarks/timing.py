@@ -3,7 +3,7 @@
 Why not plain do_bench: at 2048 tokens a norm or GeGLU kernel runs for 10-30 us, about the
 cost of launching it from Python on the H200 machine (benchmarks/overhead.py), so eager
 timing measured the launch, not the kernel. gemmatune's step is replayed as a CUDA graph
-(gemmatune.graphs), where launch gaps vanish; replaying the benchmarked call in a graph
+(gemmatune.training.step), where launch gaps vanish; replaying the benchmarked call in a graph
 measures what training pays.
 
 Calls that make the host wait for the GPU (`.item()`, a synchronising copy) cannot be

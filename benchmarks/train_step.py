@@ -1,16 +1,15 @@
 """Full-size E2B/E4B QLoRA training step: gemmatune vs the stock Hugging Face stack, same call.
 
-    python benchmarks/train_step.py --models e2b e4b --seq 2048 --steps 6
+    python -m benchmarks.train_step --models e2b e4b --seq 2048 --steps 6
 
 Builds a random-weight checkpoint from the real E2B/E4B text configs (benchmarks/
 gemma4_configs.py) on the GPU, then runs each stack in its own subprocess (clean memory
 statistics): QLoRA NF4 + double quant, LoRA r=16 on q,k,v,o,gate,up,down, batch 1, random
 tokens, 8-bit AdamW. Stock = transformers + peft + bitsandbytes with non-reentrant
 checkpointing and SDPA, loss from model(labels=...). Prints a table and writes
-benchmarks/results/<date>-h200-train-step.json (one record per run).
+benchmarks/results/<date>-<gpu>-train-step.json (one record per run).
 """
 import argparse
-import datetime
 import json
 import math
 import os
@@ -21,20 +20,15 @@ from pathlib import Path
 
 import torch
 
-# The repo root replaces this script's folder on the path: transformers probes `import kernels`,
-# which must not find benchmarks/kernels.py.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.versions import package_versions  # noqa: E402
-
-from gemmatune.memory import GIB  # noqa: E402
+from benchmarks.records import command_line, package_versions, results_file
+from gemmatune.model.memory import GIB
 
 
 def build_checkpoint(model: str, folder: Path) -> None:
     from transformers import Gemma4ForCausalLM
 
     from benchmarks.gemma4_configs import CONFIGS
-    from gemmatune.tiny import build_tiny_tokenizer
+    from gemmatune.model.tiny import build_tiny_tokenizer
 
     if not (folder / "tokenizer_config.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -87,11 +81,11 @@ def setup_hf(ckpt: str, seq: int, batch: int, dtype: torch.dtype):
 def setup_gemmatune(ckpt: str, seq: int, batch: int, dtype: torch.dtype, graphs: bool = True):
     """gemmatune, ready to step: (step function, model, time loaded, GiB of weights)."""
     import gemmatune
-    from gemmatune.graphs import MicroStep
-    from gemmatune.loss import count_label_tokens
-    from gemmatune.memory import choose_checkpointing
-    from gemmatune.trainer import adamw_8bit
-    from gemmatune.patching import enable_gradient_checkpointing
+    from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
+    from gemmatune.model.memory import choose_checkpointing
+    from gemmatune.training.loss import count_label_tokens
+    from gemmatune.training.optimizer import adamw_8bit
+    from gemmatune.training.step import MicroStep
 
     model, _ = gemmatune.load_model(ckpt, max_seq_length=seq, dtype=dtype, verbose=True)
     loaded = time.perf_counter()
@@ -176,7 +170,7 @@ def main() -> None:
         args.seq = args.seq[0]
         return worker(args)
 
-    command = "python " + " ".join(sys.argv)
+    command = command_line()
     gpu = torch.cuda.get_device_name(0)
     records = []
     plan = [(m, s, q, d) for m in args.models for d in args.dtypes for q in args.seq for s in args.stacks]
@@ -186,8 +180,8 @@ def main() -> None:
         folder = Path(args.ckpt_root) / model
         build_checkpoint(model, folder)
         for m, stack, seq, dtype in [p for p in plan if p[0] == model]:
-            cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--ckpt", str(folder), "--seq", str(seq),
-                   "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
+            cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", "--stack", stack, "--ckpt", str(folder),
+                   "--seq", str(seq), "--dtype", dtype, "--batch", str(args.batch), "--steps", str(args.steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"GEMMATUNE_DASHBOARD": "off"})
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             result = json.loads(line[7:]) if line else {"error": (out.stderr or out.stdout)[-1500:]}
@@ -195,8 +189,7 @@ def main() -> None:
                           versions=package_versions(), command=command)
             records.append(record)
             print(format_row(record), flush=True)
-    date = datetime.date.today().isoformat()
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-train-step.json")
+    out_path = Path(args.out or results_file("train-step"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(records, indent=1))
     print(f"wrote {out_path}")
@@ -205,7 +198,8 @@ def main() -> None:
 def format_row(r: dict) -> str:
     if "error" in r:
         return f"{r['model']:4} {r['stack']:10} seq {r['seq']:6} {r['dtype']}: ERROR {r['error'][-300:]}"
-    return (f"{r['model']:4} {r['stack']:10} seq {r['seq']:6} {r['dtype']} | peak alloc {r['peak_allocated_gib']:6.2f} GiB"
+    return (f"{r['model']:4} {r['stack']:10} seq {r['seq']:6} {r['dtype']} | "
+            f"peak alloc {r['peak_allocated_gib']:6.2f} GiB"
             f" | reserved {r['peak_reserved_gib']:6.2f} | weights {r['weights_gib']:5.2f} | "
             f"{r['tokens_per_s']:8.0f} tok/s | first step {r['first_step_s']:5.1f} s | finite {r['loss_finite']}")
 

@@ -1,6 +1,6 @@
 """Several GPUs: the same gemmatune fine-tune on 1 GPU and on N GPUs (torchrun), in one call.
 
-    python benchmarks/train_step_ddp.py --models e2b e4b --gpus 2 --seq 2048 --steps 10
+    python -m benchmarks.train_step_ddp --models e2b e4b --gpus 2 --seq 2048 --steps 10
 
 Builds the random-weight E2B/E4B checkpoints of benchmarks/train_step.py (real text configs),
 then for each model runs `gemmatune.train` itself, as users run it: once as a plain process on
@@ -15,10 +15,9 @@ CPU). peak_allocated_gib: per GPU, the highest torch.cuda.max_memory_allocated o
 (`per_rank` lists each). Targets (issue 16): N=2 at least 1.9x the one-GPU tokens/s, with no
 more memory per GPU. NVLink multicast stays off (NCCL_NVLS_ENABLE=0 and friends, forced in
 the ranks' environment: the device docs say why). Prints a table and writes
-benchmarks/results/<date>-h200-train-step-ddp.json, one record per run.
+benchmarks/results/<date>-<gpu>-train-step-ddp.json, one record per run.
 """
 import argparse
-import datetime
 import json
 import os
 import socket
@@ -30,12 +29,9 @@ from pathlib import Path
 
 import torch
 
-# The repo root replaces this script's folder on the path (see benchmarks/train_step.py).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.train_step import build_checkpoint  # noqa: E402
-from benchmarks.versions import package_versions  # noqa: E402
-from gemmatune.memory import GIB  # noqa: E402
+from benchmarks.records import command_line, package_versions, results_file
+from benchmarks.train_step import build_checkpoint
+from gemmatune.model.memory import GIB
 
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -50,14 +46,15 @@ def random_rows(n_rows: int, seq: int, vocab: int = 262144) -> list[dict]:
 def worker(args) -> None:
     """One rank (or the single process): train, then print this rank's numbers as one RESULT line."""
     import gemmatune
-    from gemmatune import distributed
+    import gemmatune.model.device as model_device
+    import gemmatune.training.distributed as training_distributed
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model, tokenizer = gemmatune.load_model(args.ckpt, max_seq_length=args.seq, dtype=dtype,
-                                            verbose=distributed.is_main_process())
+                                            verbose=model_device.is_main_process())
     model = gemmatune.add_lora(model, r=16)
     steps = args.warmup + args.steps
-    rows = random_rows(steps * distributed.world_size() * args.batch, args.seq)
+    rows = random_rows(steps * training_distributed.world_size() * args.batch, args.seq)
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
         result = gemmatune.train(model, rows, tokenizer, max_steps=steps, batch_size=args.batch, grad_accum=1,
@@ -65,7 +62,7 @@ def worker(args) -> None:
     timed = result.step_seconds[args.warmup:]
     tokens_per_step = result.state.tokens_trained / result.state.step  # all rows are alike
     print("RESULT " + json.dumps(dict(
-        rank=distributed.rank(), world=distributed.world_size(), status=result.status,
+        rank=training_distributed.rank(), world=training_distributed.world_size(), status=result.status,
         tokens_per_s=tokens_per_step * len(timed) / sum(timed), step_s=statistics.median(timed),
         peak_allocated_gib=torch.cuda.max_memory_allocated() / GIB,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / GIB, losses=result.losses,
@@ -80,8 +77,9 @@ def free_port() -> int:
 
 def run(model: str, ckpt: Path, gpus: int, args) -> dict:
     """One run on `gpus` GPUs in fresh processes; its record (or an error)."""
-    worker_args = [__file__, "--worker", "--ckpt", str(ckpt), "--seq", str(args.seq), "--batch", str(args.batch),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype]
+    worker_args = ["-m", "benchmarks.train_step_ddp", "--worker", "--ckpt", str(ckpt), "--seq", str(args.seq),
+                   "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--dtype", args.dtype]
     launch = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
                                                   str(gpus), "--master-port", str(free_port())]
     env = os.environ | NO_MULTICAST | {"GEMMATUNE_DASHBOARD": "off"}
@@ -118,7 +116,7 @@ def main() -> None:
     if torch.cuda.device_count() < args.gpus:
         raise SystemExit(f"--gpus {args.gpus}: this machine shows {torch.cuda.device_count()} GPU(s)")
 
-    command = "python " + " ".join(sys.argv)
+    command = command_line()
     gpu, records = torch.cuda.get_device_name(0), []
     for model in args.models:
         ckpt = Path(args.ckpt_root) / model
@@ -134,8 +132,7 @@ def main() -> None:
                 record["peak_vs_one_gpu"] = record["peak_allocated_gib"] / single["peak_allocated_gib"]
             records.append(record)
             print(format_row(record), flush=True)
-    date = datetime.date.today().isoformat()
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-train-step-ddp.json")
+    out_path = Path(args.out or results_file("train-step-ddp"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(records, indent=1))
     print(f"wrote {out_path}")

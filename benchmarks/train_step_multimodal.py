@@ -1,6 +1,6 @@
 """Full-size E4B image/audio QLoRA training step: gemmatune vs the stock Hugging Face stack, same call.
 
-    python benchmarks/train_step_multimodal.py          # everything below: about 6 minutes on an H200
+    python -m benchmarks.train_step_multimodal          # everything below: about 6 minutes on an H200
 
 Builds a random-weight multimodal checkpoint (text + vision + audio towers: the released configs,
 benchmarks/gemma4_configs.multimodal_config) on the GPU, then runs groups of workloads, each group in
@@ -21,14 +21,13 @@ Groups:
   capped: the notebooks' default settings (NOTEBOOK_DEFAULTS) for 20 optimizer steps in a process capped
   at 7.5 GiB with torch.cuda.set_per_process_memory_fraction (an 8 GB card less its CUDA context), bf16
   and fp16, checkpointing as train() picks it on an 8 GB card.
-Prints a table and (re)writes benchmarks/results/<date>-h200-train-step-multimodal.json after every
+Prints a table and (re)writes benchmarks/results/<date>-<gpu>-train-step-multimodal.json after every
 group, one record per run (with a subset of --groups or --tower-lora, their names end the file's name,
 so two calls do not overwrite each other). Subsets: --groups, --workloads, --stacks, --steps; --tower-lora adds
 gemmatune runs with the tower's adapters on (image280 + vision tower, audio30 + audio tower).
 Works with transformers 5.17 (the H200 machine's) and 5.23.
 """
 import argparse
-import datetime
 import gc
 import json
 import math
@@ -40,12 +39,8 @@ from pathlib import Path
 
 import torch
 
-# The repo root replaces this script's folder on the path (see benchmarks/train_step.py).
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from benchmarks.versions import package_versions  # noqa: E402
-
-from gemmatune.memory import GIB  # noqa: E402
+from benchmarks.records import command_line, package_versions, results_file
+from gemmatune.model.memory import GIB
 
 # Real Gemma 4 token ids (transformers' Gemma4Config defaults).
 BOS, IMAGE, BOI, EOI, AUDIO, BOA, EOA = 2, 258880, 255999, 258882, 258881, 256000, 258883
@@ -72,7 +67,7 @@ def build_checkpoint(model: str, folder: Path) -> None:
     from transformers import Gemma4ForConditionalGeneration
 
     from benchmarks.gemma4_configs import multimodal_config
-    from gemmatune.tiny import build_tiny_tokenizer
+    from gemmatune.model.tiny import build_tiny_tokenizer
 
     if not (folder / "tokenizer_config.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +131,7 @@ def workload_batch(mode: str, rows: int, amount: float, text: int, multiple: int
 def setup_gemmatune(ckpt: str, modalities, dtype, max_seq: int, train_tower: str | None = None):
     """gemmatune as the notebooks run it: (model, optimizer, seconds load_model took, when it returned)."""
     import gemmatune
-    from gemmatune.trainer import adamw_8bit
+    from gemmatune.training.optimizer import adamw_8bit
 
     start = time.perf_counter()
     model, _ = gemmatune.load_model(ckpt, max_seq_length=max_seq, dtype=dtype, modalities=modalities)
@@ -151,8 +146,8 @@ def setup_gemmatune(ckpt: str, modalities, dtype, max_seq: int, train_tower: str
 
 def gemmatune_step(model, optimizer, checkpointing: str):
     """One optimizer step per call on a fixed CPU batch, through train()'s MicroStep."""
-    from gemmatune.graphs import MicroStep
-    from gemmatune.patching import enable_gradient_checkpointing
+    from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
+    from gemmatune.training.step import MicroStep
 
     enable_gradient_checkpointing(model, checkpointing)
     micro_step = MicroStep(model)
@@ -213,7 +208,7 @@ def measure(step, batch, model, steps: int, started: float) -> dict:
     """first_step_s: from `started` (load_model returning, or the workload's start) to the first
     optimizer step done; then one untimed step (gemmatune captures its graph on a shape's second
     micro-batch) and `steps` timed ones."""
-    from gemmatune.loss import count_label_tokens
+    from gemmatune.training.loss import count_label_tokens
 
     n_tokens = count_label_tokens([batch])
     torch.cuda.synchronize()
@@ -240,7 +235,7 @@ def media_fields(mode: str, rows: int, amount: float) -> dict:
 
 
 def predicted_gib(model, batch, mode: str, amount: float, checkpointing: str) -> float:
-    from gemmatune.memory import predict_peak_gib
+    from gemmatune.model.memory import predict_peak_gib
 
     rows, seq = batch["input_ids"].shape
     media = dict(images=1, max_soft_tokens=int(amount)) if mode == "image" else dict(audio_seconds=float(amount))
@@ -256,7 +251,7 @@ def cleanup():
 # ------------------------------------------------------------------ workers (one per group)
 def run_group(args) -> None:
     """Runs one group's workloads in this process and prints one RESULT line per run."""
-    from gemmatune.memory import choose_checkpointing
+    from gemmatune.model.memory import choose_checkpointing
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.cap:
@@ -301,7 +296,7 @@ def run_group(args) -> None:
 
 def capped_run(args, model, optimizer, load_s, started, weights_gib) -> dict:
     """The notebook's default settings for `--capped-steps` optimizer steps under the cap."""
-    from gemmatune.memory import choose_checkpointing
+    from gemmatune.model.memory import choose_checkpointing
 
     d = NOTEBOOK_DEFAULTS[args.cap]
     batches = [workload_batch(args.cap, d["batch"], d["amount"], d["text"], multiple=64, seed=s)
@@ -315,9 +310,9 @@ def capped_run(args, model, optimizer, load_s, started, weights_gib) -> dict:
                   predicted_gib=predicted_gib(model, batches[0], args.cap, d["amount"], checkpointing),
                   **media_fields(args.cap, rows, d["amount"]))
     try:
-        from gemmatune.graphs import MicroStep
-        from gemmatune.loss import count_label_tokens
-        from gemmatune.patching import enable_gradient_checkpointing
+        from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
+        from gemmatune.training.loss import count_label_tokens
+        from gemmatune.training.step import MicroStep
 
         enable_gradient_checkpointing(model, checkpointing)
         micro_step = MicroStep(model)
@@ -373,9 +368,9 @@ def plan(args) -> list[dict]:
 
 
 def run_subprocess(group: dict, folder: Path, args) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", "--stack", group["stack"], "--ckpt", str(folder),
-           "--dtype", group["dtype"], "--steps", str(args.steps), "--capped-steps", str(args.capped_steps),
-           "--workload", *group["workloads"]]
+    cmd = [sys.executable, "-m", "benchmarks.train_step_multimodal", "--worker", "--stack", group["stack"],
+           "--ckpt", str(folder), "--dtype", group["dtype"], "--steps", str(args.steps),
+           "--capped-steps", str(args.capped_steps), "--workload", *group["workloads"]]
     if group.get("cap"):
         cmd += ["--cap", group["cap"]]
     if group.get("train_tower"):
@@ -423,12 +418,11 @@ def main() -> None:
     if args.worker:
         return run_group(args)
 
-    command = "python " + " ".join(sys.argv)
+    command = command_line()
     gpu = torch.cuda.get_device_name(0)
-    date = datetime.date.today().isoformat()
     subset = "" if set(args.groups) == {"main", "fp16", "capped"} else "-" + "-".join(args.groups)
     subset += "-tower-lora" if args.tower_lora else ""
-    out_path = Path(args.out or Path(__file__).parent / "results" / f"{date}-h200-train-step-multimodal{subset}.json")
+    out_path = Path(args.out or results_file(f"train-step-multimodal{subset}"))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     records, started = [], time.perf_counter()
     for model in args.models:

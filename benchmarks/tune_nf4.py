@@ -1,7 +1,7 @@
 """Pick the NF4 dequantisation kernel's launch settings on a GPU, at Gemma 4's projection sizes,
 timed as CUDA-graph replays (benchmarks/timing.py).
 
-    python benchmarks/tune_nf4.py
+    python -m benchmarks.tune_nf4
 
 Sweeps gemmatune.kernels.nf4's BYTES_PER_PROGRAM and NUM_WARPS on every E2B/E4B projection
 (NF4, blocksize 64, double quantisation, bf16 out, as QLoRA loads them) and prints each
@@ -9,16 +9,12 @@ setting's time and bandwidth per shape, next to bitsandbytes and a copy of the s
 then the settings with the least total time. The chosen values are written into nf4.py by hand.
 """
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
-
-from benchmarks.kernels_rope_nf4 import LINEAR_SHAPES  # noqa: E402
-from benchmarks.timing import median_ms  # noqa: E402
-from gemmatune.kernels import nf4  # noqa: E402
+from benchmarks.kernels_rope_nf4 import LINEAR_SHAPES
+from benchmarks.timing import median_ms
+from gemmatune.kernels import nf4
 
 BYTES_PER_PROGRAM = [512, 1024, 2048, 4096, 8192]
 NUM_WARPS = [1, 2, 4, 8]

@@ -1,7 +1,7 @@
 """Pick the NF4 GEMV's launch settings on a GPU, at Gemma 4's decode shapes, timed as CUDA-graph
 replays (benchmarks/timing.py, as a decode step runs).
 
-    python benchmarks/tune_nf4_gemv.py            # about 1 minute on an H200
+    python -m benchmarks.tune_nf4_gemv            # about 1 minute on an H200
 
 For every E2B/E4B projection (plus E2B's double-wide MLP, the K/V and per-layer-embedding
 projections) at 1 and 2 rows of x (MAX_ROWS: where the GEMV stops paying), bf16, NF4
@@ -14,17 +14,13 @@ row; the chosen values are written into nf4_gemv.py by hand. Then the LoRA down-
 (gemmatune.kernels.nf4_gemv.lora_down) against cuBLAS at one row.
 """
 import itertools
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
-
-from benchmarks.kernels_rope_nf4 import LINEAR_SHAPES  # noqa: E402
-from benchmarks.timing import median_ms  # noqa: E402
-from gemmatune.kernels import nf4_gemv  # noqa: E402
-from gemmatune.kernels.lora_nf4_linear import nf4_linear  # noqa: E402
+from benchmarks.kernels_rope_nf4 import LINEAR_SHAPES
+from benchmarks.timing import median_ms
+from gemmatune.kernels import nf4_gemv
+from gemmatune.kernels.lora_nf4_linear import nf4_linear
 
 SHAPES = LINEAR_SHAPES + [("e2b_kv", 256, 1536), ("e2b_gate_up_wide", 12288, 1536), ("e2b_down_wide", 1536, 12288),
                           ("e2b_ple_gate", 256, 1536), ("e2b_ple_proj", 1536, 256), ("e4b_kv", 512, 2560)]
@@ -91,8 +87,8 @@ def sweep(weights, xs) -> None:
                 times.append(_us(fn))
             totals[setting] = sum(times)
             cells = "  ".join(f"{t:5.1f} ({nbytes / t / 1e3:4.0f})" for t, (_, _, nbytes) in zip(times, weights))
-            print(f"programs {setting[0]:5} chunk {setting[1]:5} warps {setting[2]}: total {sum(times):7.1f} us | {cells}",
-                  flush=True)
+            print(f"programs {setting[0]:5} chunk {setting[1]:5} warps {setting[2]}: total {sum(times):7.1f} us | "
+                  f"{cells}", flush=True)
     finally:
         nf4_gemv.PROGRAMS_WANTED, nf4_gemv.MAX_BLOCK_KB, nf4_gemv.NUM_WARPS = saved
     print("columns: us (GB/s) per shape, in this order:", " ".join(name for name, *_ in weights))

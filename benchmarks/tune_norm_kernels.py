@@ -1,28 +1,26 @@
 """Pick the launch settings of the RMSNorm and QK-norm+RoPE kernels on a GPU, at Gemma 4's
 sizes, timed as CUDA-graph replays (benchmarks/timing.py).
 
-    python benchmarks/tune_norm_kernels.py [rms] [qk]     # both when neither is named
-    python benchmarks/tune_norm_kernels.py sum            # the weight-gradient partial-sum kernel
+    python -m benchmarks.tune_norm_kernels [rms] [qk]     # both when neither is named
+    python -m benchmarks.tune_norm_kernels sum            # the weight-gradient partial-sum kernel
 
 For each shape it sweeps the module constants that set a program's tile (elements per
 program) and its warps (elements per warp) for the forward and the backward, and for the
 backward that also sums the weight gradient, the programs per SM.
 It prints each setting's time and bandwidth next to a copy of the same bytes (what the
-memory system gives at this size), and the best settings. The chosen values are then written into the kernel modules by hand.
+memory system gives at this size), and the best settings. The chosen values are then written into the kernel
+modules by hand.
 """
 import itertools
 import sys
-from pathlib import Path
 
 import torch
 import triton
 
-sys.path[0] = str(Path(__file__).resolve().parents[1])  # not benchmarks/: see train_step.py
-
-from benchmarks.timing import median_ms  # noqa: E402
-from gemmatune.kernels import qk_norm_rope as qk_mod  # noqa: E402
-from gemmatune.kernels import rms_norm as rms_mod  # noqa: E402
-from gemmatune.kernels._weight_grad import _sum_partials_kernel  # noqa: E402
+from benchmarks.timing import median_ms
+from gemmatune.kernels import qk_norm_rope as qk_mod
+from gemmatune.kernels import rms_norm as rms_mod
+from gemmatune.kernels._weight_grad import _sum_partials_kernel
 
 TOKENS = 2048
 RMS_SHAPES = [("E2B hidden", 1536), ("E4B hidden", 2560)]

@@ -5,6 +5,11 @@
     dataset = gemmatune.prepare_dataset("bundled", tokenizer, max_seq_length=2048)
     result = gemmatune.train(model, dataset, tokenizer, max_steps=60)
     gemmatune.chat(model, tokenizer, "Convert 5 km to miles.")
+
+The package is split by stage, each importing only the stages before it:
+gemmatune.data -> gemmatune.model -> gemmatune.generation -> gemmatune.training -> gemmatune.export,
+with gemmatune.kernels, gemmatune.errors and gemmatune.files underneath. The names below are the
+public API; each subpackage lists more of its own in `__all__`.
 """
 import logging
 
@@ -12,28 +17,41 @@ import logging
 def _drop_bitsandbytes_cpu_kernel_notice() -> None:
     """bitsandbytes logs a warning at import on CPUs with AVX512-BF16: it could not fetch an
     optional CPU matmul kernel from the model hub (through the `kernels` package). gemmatune never
-    runs that kernel (every 4-bit layer takes gemmatune's NF4 path, see patching.NF4Linear4bit),
-    so the warning is not the user's concern. Only that one record of that one logger is dropped."""
+    runs that kernel (every 4-bit layer takes gemmatune's NF4 path, see model/patching.py), so the
+    warning is not the user's concern. Only that one record of that one logger is dropped."""
     notice = "Failed to load CPU gemm_4bit_forward from kernels-community"
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: notice not in record.getMessage())
 
 
 _drop_bitsandbytes_cpu_kernel_notice()
 
-from gemmatune import evaluate  # noqa: E402,F401 (gemmatune.evaluate.score in the notebooks)
-from gemmatune.chat import chat, generate_replies  # noqa: E402
-from gemmatune.data import load_hub_dataset, prepare_dataset, show_example  # noqa: E402
-from gemmatune.export import merge_and_save  # noqa: E402
-from gemmatune.gguf_export import export_gguf  # noqa: E402
-from gemmatune.loader import load_model  # noqa: E402
-from gemmatune.lora import add_lora, load_adapter, trainable_parameters  # noqa: E402
-from gemmatune.machine import choose_model_and_data  # noqa: E402
-from gemmatune.memory import predict_peak_gib  # noqa: E402
-from gemmatune.saving import save_adapter  # noqa: E402
-from gemmatune.tiny import TINY_MODEL_ID  # noqa: E402
-from gemmatune.trainer import TrainConfig, TrainResult, train  # noqa: E402
+from gemmatune import data, export, generation, model, training  # noqa: F401  (the documented subpackages)
+from gemmatune.data import (
+    audio_to_text,
+    image_to_text,
+    load_bundled_dataset,
+    load_hub_dataset,
+    prepare_dataset,
+    show_example,
+)
+from gemmatune.export import export_gguf, merge_and_save
+from gemmatune.generation import chat, generate_replies, score
+from gemmatune.model import (
+    TINY_MODEL_ID,
+    add_lora,
+    check_fits,
+    choose_model_and_data,
+    load_adapter,
+    load_model,
+    predict_peak_gib,
+    save_adapter,
+    trainable_parameters,
+)
+from gemmatune.training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
-__all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "chat", "choose_model_and_data",
-           "export_gguf", "generate_replies", "load_adapter", "load_hub_dataset", "load_model", "merge_and_save",
-           "predict_peak_gib", "prepare_dataset", "save_adapter", "show_example", "train", "trainable_parameters"]
+__all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "audio_to_text", "chat", "check_fits",
+           "choose_model_and_data", "data", "export", "export_gguf", "generate_replies", "generation",
+           "image_to_text", "load_adapter", "load_bundled_dataset", "load_hub_dataset", "load_model",
+           "merge_and_save", "model", "predict_peak_gib", "prepare_dataset", "save_adapter", "score", "show_example",
+           "train", "trainable_parameters", "training"]

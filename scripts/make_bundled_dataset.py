@@ -11,7 +11,7 @@ capitals, translations of common phrases, definitions, polite rewrites, haiku); 
 answers are computed here, so they are correct by construction.
 
 Deterministic (seeded): running it again reproduces the shipped file byte for byte, which
-tests/test_data.py checks.
+tests/data/test_dataset.py checks.
 
     python scripts/make_bundled_dataset.py
 """
@@ -281,7 +281,8 @@ HAIKU = {
     "winter": ("Snow hides the footpath", "bare trees hold their breath in white", "the world turns quiet", "❄️"),
     "spring": ("Green shoots push through soil", "cherry blossoms drift like snow", "the bees wake and hum", "🌸"),
     "the mountains": ("Stone peaks touch the clouds", "old snow glitters in the dawn", "eagles circle slow", "🏔️"),
-    "a train": ("Steel wheels sing their song", "fields and towns flash past the glass", "the next stop draws near", "🚆"),
+    "a train": ("Steel wheels sing their song", "fields and towns flash past the glass", "the next stop draws near",
+                "🚆"),
     "programming": ("Cursor blinks and waits", "one missing bracket hides there", "the tests turn green now", "💻"),
     "friendship": ("Two cups on the porch", "old stories and easy laughs", "time slips by unseen", "🤝"),
     "the city": ("Neon hums at night", "taxis stream like yellow fish", "the streets never sleep", "🌃"),
@@ -292,7 +293,8 @@ HAIKU = {
 HAIKU_ASKS = ["Write a haiku about {t}.", "Compose a haiku about {t}."]
 
 PERSONA = [
-    ("Who are you?", "I'm a friendly assistant fine-tuned with gemmatune. I keep answers short and finish with an emoji. 🤖"),
+    ("Who are you?", "I'm a friendly assistant fine-tuned with gemmatune. I keep answers short and finish with an "
+                     "emoji. 🤖"),
     ("Hi!", "Hello! How can I help you today? 👋"),
     ("Hello there", "Hi! What can I do for you? 😊"),
     ("Thanks for your help!", "You're welcome! Happy to help anytime. 🙌"),
@@ -301,7 +303,8 @@ PERSONA = [
     ("Good night!", "Good night, sleep well! 🌙"),
     ("Tell me a fun fact.", "Octopuses have three hearts and blue blood. 🐙"),
     ("Tell me another fun fact.", "Honey never spoils: edible honey has been found in ancient Egyptian tombs. 🍯"),
-    ("What can you do?", "I can convert units, do arithmetic step by step, define words, translate short phrases and write haiku. 🧰"),
+    ("What can you do?", "I can convert units, do arithmetic step by step, define words, translate short phrases "
+                         "and write haiku. 🧰"),
     ("How many days are in a leap year?", "A leap year has 366 days. 📅"),
     ("How many continents are there?", "There are 7 continents. 🌍"),
     ("What is the boiling point of water at sea level?", "Water boils at 100 °C (212 °F) at sea level. ♨️"),
@@ -324,11 +327,13 @@ def multi_turn() -> list[dict]:
              "Ha! Any other word like that?", "'drawer' reversed is 'reward'. 🎁"),
         chat('How do you say "Thank you" in Spanish?', 'In Spanish, "Thank you" is "Gracias". 🙏',
              'And "Please"?', '"Please" is "Por favor". 🙂'),
-        chat("Write a haiku about rain.", "Rain taps on the glass\nsmall rivers race down the pane\nthe garden drinks deep 🌧️",
+        chat("Write a haiku about rain.",
+             "Rain taps on the glass\nsmall rivers race down the pane\nthe garden drinks deep 🌧️",
              "Now give it a title.", "\"Window Garden\" 🪟"),
         chat("What is 30 °C in °F?", "30 °C is 86 °F (°F = °C × 9/5 + 32). 🌡️",
              "Is that warm?", "Yes, 86 °F is a hot summer day. ☀️"),
-        chat("Define a prime number.", "A prime number is a whole number greater than 1 whose only divisors are 1 and itself. 🔢",
+        chat("Define a prime number.",
+             "A prime number is a whole number greater than 1 whose only divisors are 1 and itself. 🔢",
              "Is 21 prime?", "No: 21 = 3 × 7. 🔢", "Is 23 prime?", "Yes, 23 is prime. ✅"),
         chat("Hi!", "Hello! How can I help you today? 👋",
              "What is 9 + 6?", "9 + 6 = 15. ➕", "Thanks!", "You're welcome! 😊"),

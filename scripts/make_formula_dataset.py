@@ -6,7 +6,7 @@ another dataset. The task is image -> LaTeX, as in unsloth/LaTeX_OCR, and the ro
 dataset's columns ({"image", "text"}), so a notebook formats both the same way.
 
 Deterministic (seeded): the same formulas, file names and split every time, and, with the same
-matplotlib version (recorded in meta.json), the same pixels. tests/test_multimodal_data.py checks
+matplotlib version (recorded in meta.json), the same pixels. tests/data/test_media_rows.py checks
 the rows always and the pixels of a sample when the version matches.
 
     python scripts/make_formula_dataset.py
@@ -62,7 +62,8 @@ def root(rng):
 
 def big_sum(rng):
     i, top = rng.choice(["i", "k", "j"]), rng.choice(["n", "N", "\\infty", "10"])
-    body = rng.choice([f"{i}^{{2}}", f"\\frac{{1}}{{{i}^{{2}}}}", f"a_{{{i}}} x^{{{i}}}", f"{i}", f"\\frac{{1}}{{{i}!}}"])
+    body = rng.choice([f"{i}^{{2}}", f"\\frac{{1}}{{{i}^{{2}}}}", f"a_{{{i}}} x^{{{i}}}", f"{i}",
+                       f"\\frac{{1}}{{{i}!}}"])
     op = rng.choice(["\\sum", "\\sum", "\\prod"])
     return f"{op}_{{{i}=1}}^{{{top}}} {body}"
 

@@ -9,7 +9,7 @@ not: the clips are committed. Each clip: espeak-ng's 22,050 Hz WAV, resampled to
 (what Gemma 4's audio tower reads), stored as Ogg Opus (~4 KB a second; the set is ~1.5 MB).
 
 Deterministic: the sentences, voices, speeds, file names and split come from a seeded generator,
-and tests/test_multimodal_data.py checks that the shipped rows equal it. The audio is not checked
+and tests/data/test_media_rows.py checks that the shipped rows equal it. The audio is not checked
 byte for byte: espeak-ng's and libopus' output can differ between versions and machines (meta.json
 records the espeak-ng version used); the test checks that each clip decodes to 16 kHz mono of a
 plausible length instead.
@@ -61,9 +61,12 @@ SENTENCES = [
 def templated(rng: random.Random) -> str:
     kind = rng.randrange(4)
     if kind == 0:
-        return f"The {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} {rng.choice(VERBS)} {rng.choice(PREPOSITIONS)} {rng.choice(PLACES)}."
+        words = (rng.choice(ADJECTIVES), rng.choice(NOUNS), rng.choice(VERBS), rng.choice(PREPOSITIONS),
+                 rng.choice(PLACES))
+        return "The " + " ".join(words) + "."
     if kind == 1:
-        return f"The {rng.choice(NOUNS)} {rng.choice(VERBS)} {rng.choice(PREPOSITIONS)} {rng.choice(PLACES)} {rng.choice(TIMES)}."
+        words = (rng.choice(NOUNS), rng.choice(VERBS), rng.choice(PREPOSITIONS), rng.choice(PLACES), rng.choice(TIMES))
+        return "The " + " ".join(words) + "."
     if kind == 2:
         return f"There are {rng.choice(NUMBERS)} {rng.choice(COLOURS)} {rng.choice(THINGS)} on the table."
     noun = rng.choice(NOUNS)

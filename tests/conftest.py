@@ -19,7 +19,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny checkpoint folder, built by the same code users run (gemmatune.tiny)."""
-    from gemmatune.tiny import tiny_model_dir
+    from gemmatune.model.tiny import tiny_model_dir
 
     if "GEMMATUNE_CACHE" not in os.environ:
         os.environ["GEMMATUNE_CACHE"] = str(tmp_path_factory.mktemp("gemmatune-cache"))
@@ -31,11 +31,3 @@ def tiny_tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_dir)
-
-
-def load_tiny(load_in_4bit=False, dtype="float32", **kwargs):
-    """The tiny model through gemmatune.load_model, quietly."""
-    from gemmatune import loader
-    from gemmatune.tiny import TINY_MODEL_ID
-
-    return loader.load_model(TINY_MODEL_ID, load_in_4bit=load_in_4bit, dtype=dtype, verbose=False, **kwargs)

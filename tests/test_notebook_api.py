@@ -19,7 +19,7 @@ NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
 def _dotted(node) -> str | None:
-    """'gemmatune.data.bundled_dataset_path' for an attribute chain rooted at the name gemmatune."""
+    """'gemmatune.data.rows.bundled_dataset_path' for an attribute chain rooted at the name gemmatune."""
     parts = []
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
@@ -54,6 +54,28 @@ def accepted_keywords(func) -> tuple[set[str], bool]:
     return names, var_kw
 
 
+def public_names(notebook: Path) -> set[str]:
+    """Every `gemmatune.<name>` or `gemmatune.<subpackage>.<name>` chain in the code cells."""
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    names, to_python = set(), TransformerManager()
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            tree = ast.parse(to_python.transform_cell("".join(cell["source"])))
+            names |= {name for node in ast.walk(tree) if (name := _dotted(node))}
+    return {name for name in names if not any(other.startswith(name + ".") for other in names)}
+
+
+def is_public(name: str) -> bool:
+    """In gemmatune.__all__, or in the __all__ of a subpackage that gemmatune.__all__ lists."""
+    first, _, rest = name.partition(".")
+    if first not in gemmatune.__all__:
+        return False
+    if not rest:
+        return True
+    sub = getattr(gemmatune, first)
+    return inspect.ismodule(sub) and rest.split(".")[0] in getattr(sub, "__all__", ())
+
+
 def test_notebooks_exist():
     assert NOTEBOOKS, "no notebooks found in notebooks/"
 
@@ -73,8 +95,20 @@ def test_notebook_calls_match_the_package(notebook):
         accepted, var_kw = accepted_keywords(func)
         unknown = [k for k in keywords if k not in accepted and not var_kw]
         if unknown:
-            problems.append(f"cell {cell}: gemmatune.{name}() has no keyword(s) {unknown}; it accepts {sorted(accepted)}")
+            problems.append(f"cell {cell}: gemmatune.{name}() has no keyword(s) {unknown}; "
+                            f"it accepts {sorted(accepted)}")
     assert not problems, f"{notebook.name}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebooks_use_only_the_public_api(notebook):
+    private = sorted(name for name in public_names(notebook) if not is_public(name))
+    assert not private, f"{notebook.name} uses names outside gemmatune's public API: {private}"
+
+
+def test_the_public_api_check_refuses_module_paths():
+    assert is_public("train") and is_public("data.row_media")
+    assert not is_public("data.rows.bundled_dataset_path") and not is_public("model.loader")
 
 
 def test_parameters_cell_is_tagged():

@@ -36,7 +36,7 @@ def test_no_check_is_only_printed(notebook):
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_a_fresh_run_shows_no_warnings(notebook, tmp_path, monkeypatch, tiny_dir):
-    from gemmatune.__main__ import run_notebook
+    from gemmatune.cli import run_notebook
 
     for name in UNIT_TEST_SETTINGS:
         monkeypatch.delenv(name, raising=False)

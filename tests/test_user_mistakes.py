@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 import gemmatune
-from gemmatune import loader, saving
+import gemmatune.model.loader as model_loader
+import gemmatune.training.checkpoints as training_checkpoints
 from gemmatune.errors import CheckpointError, GemmatuneError, ModelLoadError, TrainingSetupError
-from tests.conftest import load_tiny
-from tests.test_traps import random_rows
+from tests.helpers import REPO, load_tiny, random_rows
 
 FAST = dict(batch_size=4, grad_accum=1, learning_rate=5e-3, warmup_steps=2, dashboard="off")
-ROOT = Path(__file__).parent.parent
+ROOT = REPO
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def reference_kernels(monkeypatch):
 
 @pytest.fixture(scope="module")
 def rows():
-    lines = gemmatune.data.bundled_dataset_path().read_text(encoding="utf-8").splitlines()[:16]
+    lines = gemmatune.data.rows.bundled_dataset_path().read_text(encoding="utf-8").splitlines()[:16]
     return [json.loads(line) for line in lines]
 
 
@@ -75,7 +75,7 @@ def test_max_steps_zero_is_refused_and_touches_no_save(tmp_path, dataset):
 def test_an_unwritable_output_dir_fails_before_training(tmp_path, dataset, monkeypatch):
     model, tokenizer = lora_model()
     steps = []
-    monkeypatch.setattr(gemmatune.trainer.MicroStep, "__call__", lambda self, *a, **k: steps.append(1))
+    monkeypatch.setattr(gemmatune.training.trainer.MicroStep, "__call__", lambda self, *a, **k: steps.append(1))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(TrainingSetupError, match="is not writable"):
@@ -95,8 +95,8 @@ def test_resuming_a_finished_run_is_refused(tmp_path, dataset):
 def test_a_gradient_left_by_an_earlier_backward_does_not_change_training(tmp_path, dataset):
     clean, tokenizer = lora_model()
     dirty, _ = lora_model()
-    batch = gemmatune.data.collate(random_rows(2), pad_token_id=0)
-    gemmatune.loss.causal_lm_loss(dirty, batch, normalizer=10.0, fused=False).backward()  # e.g. a user's check
+    batch = gemmatune.data.batches.collate(random_rows(2), pad_token_id=0)
+    gemmatune.training.loss.causal_lm_loss(dirty, batch, normalizer=10.0, fused=False).backward()  # e.g. a user's check
     runs = [gemmatune.train(m, dataset, tokenizer, max_steps=3, output_dir=str(tmp_path / n), **FAST)
             for n, m in (("clean", clean), ("dirty", dirty))]
     assert runs[0].losses == runs[1].losses
@@ -170,9 +170,9 @@ class _Payload:
 
 def test_a_checkpoint_with_a_pickle_payload_is_refused(checkpoint, dataset, capsys):
     """A checkpoint someone sent: trainer_state.pt (the old format) carrying code. Refused, not run."""
-    (checkpoint / saving.STATE_JSON).unlink()
-    (checkpoint / saving.STATE_TENSORS).unlink()
-    with open(checkpoint / saving.LEGACY_STATE_FILE, "wb") as f:
+    (checkpoint / training_checkpoints.STATE_JSON).unlink()
+    (checkpoint / training_checkpoints.STATE_TENSORS).unlink()
+    with open(checkpoint / training_checkpoints.LEGACY_STATE_FILE, "wb") as f:
         pickle.dump({"state": {"step": 2}, "optimizer": _Payload()}, f)
     model, tokenizer = lora_model()
     with pytest.raises(CheckpointError, match="could run code"):
@@ -183,16 +183,17 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused(checkpoint, dataset, caps
 
 def test_checkpoints_hold_no_pickle(checkpoint):
     names = sorted(p.name for p in checkpoint.iterdir())
-    assert saving.STATE_JSON in names and saving.STATE_TENSORS in names
+    assert training_checkpoints.STATE_JSON in names and training_checkpoints.STATE_TENSORS in names
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl"))], names
 
 
 def test_an_old_pickle_free_checkpoint_still_resumes(checkpoint, dataset, tmp_path):
     """trainer_state.pt as gemmatune wrote it before: plain tensors and containers, read with weights_only."""
-    saved = saving._read_state(checkpoint)
+    saved = training_checkpoints._read_state(checkpoint)
     saved["state"]["rng"] = saved.pop("rng")
-    torch.save({"optimizer": saved["optimizer"], "state": saved["state"]}, checkpoint / saving.LEGACY_STATE_FILE)
-    (checkpoint / saving.STATE_JSON).unlink()
+    legacy = {"optimizer": saved["optimizer"], "state": saved["state"]}
+    torch.save(legacy, checkpoint / training_checkpoints.LEGACY_STATE_FILE)
+    (checkpoint / training_checkpoints.STATE_JSON).unlink()
     model, tokenizer = lora_model()
     result = gemmatune.train(model, dataset, tokenizer, max_steps=3, output_dir=str(tmp_path / "resumed"),
                              resume_from=str(checkpoint), **FAST)
@@ -214,7 +215,7 @@ def test_load_model_says_what_to_do(tmp_path, tiny_dir):
 def test_an_unreachable_hub_fails_at_once(monkeypatch, tmp_path):
     import time
 
-    monkeypatch.setattr(loader, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(model_loader, "_hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match="not reachable from here.*TINY_MODEL_ID"):
@@ -237,7 +238,7 @@ def test_cli_trains_on_the_users_data_and_writes_checkpoints(tmp_path, tiny_dir,
                "--save-every", "1", "--output-dir", str(tmp_path / "out"), "--max-seq-length", "256", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"your dataset '{data}'" in run.stdout and "8 rows" in run.stdout
-    assert (tmp_path / "out" / "checkpoint-1" / saving.STATE_JSON).is_file()
+    assert (tmp_path / "out" / "checkpoint-1" / training_checkpoints.STATE_JSON).is_file()
 
 
 def test_cli_prints_a_users_mistake_as_one_line(tmp_path, tiny_dir):
@@ -250,6 +251,6 @@ def test_cli_prints_a_users_mistake_as_one_line(tmp_path, tiny_dir):
 
 
 def test_all_user_errors_share_one_base_class():
-    for error in (CheckpointError, ModelLoadError, TrainingSetupError, gemmatune.data.DatasetFormatError,
-                  gemmatune.data.DatasetDownloadError):
+    for error in (CheckpointError, ModelLoadError, TrainingSetupError, gemmatune.data.rows.DatasetFormatError,
+                  gemmatune.data.rows.DatasetDownloadError):
         assert issubclass(error, GemmatuneError)

@@ -1,2 +1,2 @@
 """Triton kernels for the Gemma 4 training path. They know nothing about models:
-`gemmatune.patching` is the one place that wires them into a model object."""
+`gemmatune.model.patching` is the one place that wires them into a model object."""

@@ -4,14 +4,14 @@ then across programs by one small kernel.
 Why this shape: a norm's weight gradient is a sum over every row. One program per row tile
 is the fastest backward for dx (the most memory traffic in flight), but then every program
 holds a partial sum: at E2B's hidden size and 2048 tokens, 12.6 MB of fp32 partials to write
-and re-read, against 19 MB for the backward itself. So when dw is wanted, the backward runs a few programs per SM that loop over tiles
+and re-read, against 19 MB for the backward itself. So when dw is wanted, the backward runs a few programs per
+SM that loop over tiles
 and write one fp32 partial sum each; `sum_partials` adds them in fp32 and casts once.
 
-Measured on the H200 at 2048 tokens (benchmarks/tune_norm_kernels.py sum): the partial-sum
-kernel takes 2.5 us, against 6.6 us for torch's sum and cast. Atomic adds of the partial
-sums inside the backward, with the last program casting, were tried and were slower (10 us
-against 8 us for the whole E2B RMSNorm backward), and their order of addition varies from
-run to run; the order here is fixed, so dw is the same on every run.
+The partial-sum kernel is faster than torch's sum and cast (benchmarks/tune_norm_kernels.py sum).
+Atomic adds of the partial sums inside the backward, with the last program casting, were tried
+and were slower, and their order of addition varies from run to run; the order here is fixed, so
+dw is the same on every run.
 
 Under LoRA the norm weights are frozen: this path does not run during training.
 """

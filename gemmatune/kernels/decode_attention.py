@@ -6,10 +6,10 @@ q (B, H, 1, D), K and V (B, H_kv, L, D) with G = H / H_kv query heads per KV hea
 repeat_kv), mask (B, L) boolean (True: attend). Returns (B, 1, H, D), the layout transformers'
 attention functions return.
 
-Why: at one query token the stock SDPA kernels are built for long queries: on an H200 a decode
-step of E2B spent 16 us per sliding layer in cuDNN's flash kernel and 27 us per full layer
-(head_dim 512) in the memory-efficient one, 0.64 ms of a 5.8 ms token (benchmarks/profile_decode.py),
-to read 128-512 KiB of cache each. Flash-decoding (Dao et al. 2023) splits the cache instead:
+Why: at one query token the stock SDPA kernels are built for long queries: cuDNN's flash kernel
+(sliding layers) and the memory-efficient one (full layers, head_dim 512) take several times
+what reading 128-512 KiB of cache needs (benchmarks/profile_decode.py; figures in
+benchmarks/results/README.md). Flash-decoding (Dao et al. 2023) splits the cache instead:
 
 1. `_chunk_kernel`, one program per (row, KV head, chunk of CHUNK keys), for all G query heads
    that share the KV head (the K/V tile is read once for them): scores by tl.dot, the chunk's

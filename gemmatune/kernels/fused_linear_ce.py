@@ -16,7 +16,8 @@ caller) or, by default, the non-ignored labels of this call; when M is 0 the los
 gradients are 0, never NaN.
 
 How: tokens go in chunks whose logits fit `memory_budget_mib` (at V = 262144 in bf16, the
-default 192 MiB is 384 rows: 6 chunks for 2048 tokens, so logits + d hidden stay under 256 MiB). Per chunk, cuBLAS computes z = h W^T in the input
+default 192 MiB is 384 rows: 6 chunks for 2048 tokens, so logits + d hidden stay under 256 MiB). Per chunk,
+cuBLAS computes z = h W^T in the input
 dtype into a reused buffer; one Triton kernel then makes two passes over V per row: an online
 max/sum-exp for lse and the loss, then it overwrites the buffer in place with d loss / d z.
 Two more matmuls give d h (and d W, only if W requires grad). Gradients are thus computed in

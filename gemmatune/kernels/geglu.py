@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ._backend import use_triton
 
+
 @triton.jit
 def _tanh_and_sech2(z):
     """(tanh(z), 1 - tanh(z)^2) from one exp, stable for any finite z.

@@ -49,6 +49,11 @@ def release_workspace():
     _WORKSPACE.clear()
 
 
+def workspace_buffers() -> list:
+    """The dequantisation workspaces alive now: a CUDA graph that wrote into them must keep them."""
+    return list(_WORKSPACE.values())
+
+
 def _workspace(numel, dtype, device):
     key = (device, dtype)
     buf = _WORKSPACE.get(key)

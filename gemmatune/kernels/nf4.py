@@ -26,8 +26,8 @@ decoded in registers instead of being materialised as a separate fp32 tensor as 
 
 Layout: a program's tile is rows of packed bytes, each row inside one quantisation block, so a
 row's scale is loaded and decoded once rather than once per byte. At Gemma 4's projection
-sizes (3-26 M weights) the kernel is latency-bound: on an H200, 3.3 us for E2B's q_proj where a
-copy of the same bytes takes 2.2 us; bitsandbytes takes 8.5 us (benchmarks/tune_nf4.py).
+sizes (3-26 M weights) the kernel is latency-bound: the smallest projections take little more
+than a copy of their bytes (benchmarks/tune_nf4.py; figures in benchmarks/results/README.md).
 """
 import torch
 import triton
@@ -36,7 +36,7 @@ import triton.language as tl
 from ._backend import use_triton
 
 # Launch settings on a GPU: packed bytes per program and warps, the least total time over E2B/E4B's
-# projections in benchmarks/tune_nf4.py on an H200 (73 us; 79 us at the 1024 and 4 used before).
+# projections in benchmarks/tune_nf4.py.
 BYTES_PER_PROGRAM, NUM_WARPS = 512, 1
 INTERPRETER_BYTES_PER_PROGRAM = 16384  # the interpreter (CPU) pays per program: big tiles
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -32,12 +32,11 @@ table of code pairs (one gather per byte instead of two), and x is loaded as con
 odd) pairs. Products accumulate in the tile and are reduced once, after the loop: the loop has
 no cross-thread reduction. See launch_settings for how the tile is shaped.
 
-Speed (H200, bf16, one row; benchmarks/tune_nf4_gemv.py): 9.0 us for E2B's gate/up projection
-(4.5 MiB packed, 523 GB/s; a plain copy of the bytes 2.5 us), 158 us over the 15 E2B/E4B shapes,
-where the previous layout (a cross-thread reduction in every loop step, a gather per nibble and
-per byte's scale) took 269 us. bitsandbytes' own GEMV takes 124 us: it decodes in the compute
-dtype (not bit-exact with its own dequantisation). This kernel is bound by the per-weight decode
-instructions, not by memory: its time doubles from one row of x to two.
+Speed: benchmarks/tune_nf4_gemv.py times it per E2B/E4B shape against a copy of the same bytes,
+the dequantise + GEMM path and bitsandbytes' own GEMV (which decodes in the compute dtype and is
+not bit-exact with its own dequantisation); the figures are in benchmarks/results/README.md. This
+kernel is bound by the per-weight decode instructions, not by memory: its time doubles from one
+row of x to two.
 
 Reference: `nf4_gemv_reference` (dequantise with the PyTorch reference, then F.linear + LoRA).
 """
@@ -95,8 +94,8 @@ def _lora_down_kernel(X, A, T, K, stride_xm, stride_a, stride_tm, BLOCK_K: tl.co
 
 def lora_down(x2: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     """t = x2 @ A^T (M, r) in x2's dtype, as peft's lora_A(x). Why a kernel: at one row cuBLAS
-    takes about 4.4 us per call on an H200 (two launches when it splits K), 0.9 ms of a 5.8 ms
-    E2B decode step with 200 adapters; here one launch of M x r small dot products."""
+    takes two launches when it splits K, about twice this kernel's time, and a decode step has
+    about 200 of them; here one launch of M x r small dot products."""
     a = lora_a.to(x2.dtype).contiguous()
     if not use_triton(x2, a):
         return x2 @ a.t()

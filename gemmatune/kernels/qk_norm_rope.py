@@ -39,9 +39,8 @@ writing its fp32 part of dw; `_weight_grad` sums them.
 
 qk_norm_rope_pair runs a layer's query and key in one launch each way (the first programs take
 the query's tiles, the rest the key's). Gemma 4's keys have 1-2 heads: alone, E2B's 1x256 key
-is too little work to amortise its two launches (5.9 us forward + backward, where one copy of
-its bytes takes 2.5 us). On the H200 at 2048 tokens the pair takes 15.3 us for E2B's q8+k1x256
-against 21.3 us for two calls, 17.2 against 21.4 us for E4B's q8+k2x256 (benchmarks/kernels.py).
+is too little work to amortise its two launches, and the pair is faster than two calls for both
+E2B's and E4B's shapes (benchmarks/kernel_suite.py; figures in benchmarks/results/README.md).
 
 Precision plan: loads are upcast to fp32, the sum of squares, r, and all backward math are in
 fp32; dw is accumulated in fp32 per program and summed in fp32 across programs. Forward

@@ -3,7 +3,7 @@
     out[i, :] = table[ids[i], :]
 
 Why: Gemma 4's per-layer-embedding table (E2B: 262144 x 8960 in bf16, 4.4 GiB) stays in CPU
-memory (gemmatune.ple). Generating one token needs one row of it (17.5 KiB), and the token id is
+memory (gemmatune.model.ple). Generating one token needs one row of it (17.5 KiB), and the token id is
 the GPU's own argmax. Gathering on the CPU means the host waits for the GPU every token, which
 rules out replaying decode steps as a CUDA graph. Pinned CPU memory is mapped into the GPU's
 address space (CUDA unified addressing: memory from cudaHostAlloc, which torch's pin_memory

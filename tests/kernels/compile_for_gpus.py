@@ -21,10 +21,10 @@ from types import SimpleNamespace
 
 import torch
 import triton
+from torch._subclasses.fake_tensor import FakeTensorMode
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -84,8 +84,16 @@ def _launch_every_kernel(dtype):
     fake CUDA tensors (no memory, no GPU), so the wrappers pick their GPU launch settings."""
     import bitsandbytes.functional as bnbF
 
-    from gemmatune.kernels import (decode_attention, fused_linear_ce, geglu, nf4, nf4_gemv, qk_norm_rope, rms_norm,
-                                   row_gather)
+    from gemmatune.kernels import (
+        decode_attention,
+        fused_linear_ce,
+        geglu,
+        nf4,
+        nf4_gemv,
+        qk_norm_rope,
+        rms_norm,
+        row_gather,
+    )
 
     packed, quant_state = bnbF.quantize_4bit(torch.randn(2048, 1536).to(dtype), quant_type="nf4",
                                              compress_statistics=True)  # quantised for real, on the CPU

@@ -9,7 +9,6 @@ from gemmatune.kernels._backend import use_triton
 from tests.kernels.helpers import gpu, rel_err
 
 
-
 def make_case(shape, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     # gate spread to +-12 so tanh saturates on both sides; up and d out plain normal

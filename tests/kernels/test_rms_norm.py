@@ -9,7 +9,6 @@ from gemmatune.kernels._backend import use_triton
 from tests.kernels.helpers import gpu, rel_err
 
 
-
 def make_case(shape, with_weight, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     x = (torch.randn(shape, generator=g, device=device) * 3 + 0.5).to(dtype)

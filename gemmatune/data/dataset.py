@@ -1,0 +1,201 @@
+"""prepare_dataset: every row through the data path, with counts of what was kept, cut and skipped.
+
+    rows --numbered_rows--> (where, row) --row_to_messages--> messages --plan_media--> media refs
+         --tokenize_conversation--> input_ids + labels  ==> PreparedDataset  --collate--> tensors
+
+Text rows take the same path (they have no media parts). The report says how many rows and tokens
+there are, how many are trained, and why any row was truncated, dropped or skipped.
+"""
+import os
+import random
+import re
+from dataclasses import dataclass, field, replace
+from itertools import groupby
+from pathlib import Path
+
+from gemmatune.data.audio import MAX_AUDIO_SECONDS
+from gemmatune.data.images import ImageRef
+from gemmatune.data.media import media_run, media_settings, media_token_ids, plan_media
+from gemmatune.data.messages import has_media, row_to_messages
+from gemmatune.data.rows import numbered_rows
+from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
+from gemmatune.errors import DatasetFormatError
+
+SKIP_HINT = "Fix the row, or pass skip_bad_rows=True to skip such rows (they are counted in the report)."
+
+
+@dataclass
+class PreparedDataset:
+    """Tokenised rows ({"input_ids", "labels"}) plus the counts the notebook prints."""
+
+    examples: list[dict]
+    max_seq_length: int
+    truncated: list[bool] = field(default_factory=list)  # per example
+    rows_dropped_long: int = 0  # longer than max_seq_length with drop_long=True
+    rows_dropped_untrained: int = 0  # no trained token left after truncation
+    rows_dropped_media_cut: int = 0  # max_seq_length fell inside an image's or a clip's tokens
+    media_cut_length: int = 0  # the longest such row, in tokens: a max_seq_length that keeps them all
+    rows_skipped: dict = field(default_factory=dict)  # reason -> count, with skip_bad_rows=True
+    first_skipped: str = ""  # the first skipped row's error, so the reader sees an example
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.examples[index]
+
+    rows = property(__len__)  # the number of rows kept
+
+    @property
+    def rows_truncated(self) -> int:
+        return sum(self.truncated)
+
+    @property
+    def rows_dropped(self) -> int:
+        return (self.rows_dropped_long + self.rows_dropped_untrained + self.rows_dropped_media_cut
+                + sum(self.rows_skipped.values()))
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(ex["input_ids"]) for ex in self.examples)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in self.examples)
+
+    @property
+    def media_counts(self) -> tuple[int, int]:
+        """(images, audio clips) in the kept rows."""
+        refs = [ref for ex in self.examples for ref in ex.get("media", ())]
+        images = sum(isinstance(ref, ImageRef) for ref in refs)
+        return images, len(refs) - images
+
+    def report(self) -> str:
+        """One line for the notebook: how much data, how much of it is trained, what was cut."""
+        images, clips = self.media_counts
+        kinds = [f"{n:,} {name}" for n, name in ((images, "images"), (clips, "audio clips")) if n]
+        media = f" with {' and '.join(kinds)}" if kinds else ""
+        text = (f"{self.rows:,} rows{media}, {self.total_tokens:,} tokens ({self.trained_tokens:,} trained); "
+                f"{self.rows_truncated:,} rows longer than {self.max_seq_length:,} tokens were truncated; "
+                f"{self.rows_dropped:,} dropped")
+        reasons = [(n, f"longer than {self.max_seq_length:,} tokens") for n in [self.rows_dropped_long] if n]
+        reasons += [(n, "with no answer token left after truncation") for n in [self.rows_dropped_untrained] if n]
+        reasons += [(n, f"that max_seq_length would cut inside an image or audio clip (max_seq_length="
+                        f"{self.media_cut_length:,} keeps them)") for n in [self.rows_dropped_media_cut] if n]
+        reasons += [(n, f"skipped: {reason}") for reason, n in sorted(self.rows_skipped.items())]
+        if reasons:
+            text += " (" + ", ".join(f"{n:,} {why}" for n, why in reasons) + ")"
+        if self.first_skipped:
+            text += f"; first skipped: {self.first_skipped}"
+        return text
+
+
+def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs: bool = False,
+                    drop_long: bool = False, formatting_func=None, skip_bad_rows: bool = False,
+                    max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS,
+                    mel_bins: int | None = None, verify_media: bool = False) -> PreparedDataset:
+    """Every row through the data path: messages, media checked and counted, tokens and labels.
+
+    Args:
+        data: "bundled", a path to a .json/.jsonl file, a datasets.Dataset, or a list of dict rows
+            in any schema gemmatune.data.messages reads (ShareGPT, OpenAI messages, Alpaca).
+        tokenizer: the tokenizer (or processor) load_model returned.
+        max_seq_length: longer rows are truncated (or dropped with drop_long=True); a row whose
+            last answer token is cut away, or that would be cut inside an image or clip, is dropped
+            and counted.
+        train_on_inputs: train every token but <bos>, not only the answers.
+        drop_long: drop rows over max_seq_length instead of truncating them.
+        formatting_func: row -> messages (or a row in a known schema), for other columns;
+            gemmatune.image_to_text / audio_to_text are ready-made ones.
+        skip_bad_rows: skip unreadable rows and count them by reason instead of raising.
+        max_soft_tokens: soft tokens per image (70, 140, 280, 560 or 1120).
+        max_audio_seconds: the longest clip accepted (at most 30 s; 25 tokens a second).
+        mel_bins: the audio tower's input width (default: the tokenizer's feature extractor, else 128).
+        verify_media: decode every image and clip once now, not only their headers.
+
+    Returns:
+        A PreparedDataset: rows of input_ids and labels (-100 outside the answers), media refs, and
+        `report()`, one line of counts (rows, tokens, trained tokens, truncated, dropped, skipped).
+
+    Raises:
+        DatasetFormatError: a row that cannot be read (naming the row or line, counted from 1),
+            unless skip_bad_rows=True.
+        FileNotFoundError: `data` names no file.
+        ValueError: max_seq_length below 2, an unknown soft-token budget, a clip limit over 30 s.
+    """
+    if not isinstance(max_seq_length, int) or max_seq_length < 2:
+        raise ValueError(f"max_seq_length={max_seq_length!r}: a row needs at least 2 tokens (<bos> and one "
+                         "trained token); Gemma 4 rows are usually 256-4096 tokens long")
+    base_dir = Path(data).parent if isinstance(data, (str, os.PathLike)) and data != "bundled" else None
+    settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins, base_dir, verify_media)
+    prepared, cache, ids = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}, None
+    for where, row in numbered_rows(data):
+        try:
+            if isinstance(row, DatasetFormatError):
+                raise row
+            messages = row_to_messages(row, where, formatting_func)
+            media = plan_media(messages, where, settings) if has_media(messages) else []
+            ids = ids or (media_token_ids(tokenizer) if media else None)  # read once, and only for media
+            runs = [media_run(ref, ids) for ref in media] if media else None
+            tokens = tokenize_conversation(tokenizer, messages, max_seq_length, train_on_inputs, cache, runs,
+                                           ids if media else None, where)
+        except DatasetFormatError as error:
+            if not skip_bad_rows:
+                raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
+            prepared.rows_skipped[error.reason] = prepared.rows_skipped.get(error.reason, 0) + 1
+            prepared.first_skipped = prepared.first_skipped or str(error)
+            continue
+        if tokens["truncated"] and drop_long:
+            prepared.rows_dropped_long += 1
+        elif tokens["cuts_media"]:
+            prepared.rows_dropped_media_cut += 1
+            prepared.media_cut_length = max(prepared.media_cut_length, tokens["length"])
+        elif all(label == IGNORE_INDEX for label in tokens["labels"]):
+            prepared.rows_dropped_untrained += 1
+        else:
+            example = {"input_ids": tokens["input_ids"], "labels": tokens["labels"]}
+            if media and tokens["media_kept"]:
+                example.update(media=media[:tokens["media_kept"]], media_ids=ids)
+            prepared.examples.append(example)
+            prepared.truncated.append(tokens["truncated"])
+    return prepared
+
+
+def split_train_eval(prepared: PreparedDataset, eval_fraction: float = 0.05, seed: int = 0):
+    """Shuffle (seeded) and split into (train, eval); the drop counts stay with the train part."""
+    order = list(range(len(prepared)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(order) - 1, max(1, round(len(order) * eval_fraction)))
+
+    def part(indices, keep_counts):
+        counts = {} if keep_counts else dict(rows_dropped_long=0, rows_dropped_untrained=0, rows_dropped_media_cut=0,
+                                             media_cut_length=0, rows_skipped={}, first_skipped="")
+        return replace(prepared, examples=[prepared.examples[i] for i in indices],
+                       truncated=[prepared.truncated[i] for i in indices],
+                       **{"rows_skipped": dict(prepared.rows_skipped), **counts})
+
+    return part(order[n_eval:], True), part(order[:n_eval], False)
+
+
+def show_example(prepared, tokenizer, index: int = 0) -> str:
+    """What the model reads for one row, then only what the loss trains (labels != -100).
+
+    Why: the reader should see with their own eyes that the prompts are masked and the answers,
+    each ending in `<turn|>`, are what the model learns.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    ex = prepared[index]
+    runs = groupby(zip(ex["input_ids"], ex["labels"]), key=lambda pair: pair[1] != IGNORE_INDEX)
+    spans = [[token for token, _ in run] for is_trained, run in runs if is_trained]
+    trained = sum(len(span) for span in spans)
+    lines = [f"dataset[{index}]: {len(ex['input_ids'])} tokens, {trained} trained",
+             "--- what the model reads ---", _shorten_runs(tokenizer.decode(ex["input_ids"])).rstrip("\n"),
+             "--- what the loss trains (labels != -100) ---"]
+    lines += [f"[{i}] {tokenizer.decode(span)}" for i, span in enumerate(spans, start=1)]
+    return "\n".join(lines)
+
+
+def _shorten_runs(text: str) -> str:
+    """280 x <|image|> shown as "<|image|> x 280", so a row with an image stays readable."""
+    return re.sub(r"((<\|image\|>|<\|audio\|>))(\2)+", lambda m: f"{m.group(2)} x {len(m.group(0)) // len(m.group(2))}",
+                  text)

@@ -1,0 +1,15 @@
+"""The training stage: the loop and everything it needs.
+
+    config.py       TrainConfig (one flat set of settings), TrainState (what resumes), TrainResult
+    optimizer.py    8-bit AdamW without per-tensor syncs; warmup + linear/cosine schedule
+    loss.py         next-token cross-entropy over label tokens, logits never materialised
+    step.py         one micro-step (forward + loss + backward), replayed as a CUDA graph
+    checkpoints.py  resumable checkpoints (adapter, optimizer, state), no pickle
+    distributed.py  several GPUs: DDP's two collectives, ranks that stop together
+    dashboard.py    the live dashboard (widget, text or off)
+    trainer.py      train(): reads top to bottom
+"""
+from gemmatune.training.config import TrainConfig, TrainResult, TrainState
+from gemmatune.training.trainer import train
+
+__all__ = ["TrainConfig", "TrainResult", "TrainState", "train"]
