@@ -7,7 +7,6 @@ pixel_values, image_position_ids, input_features, input_features_mask, mm_token_
 arithmetic and pixels as training, so generation sees what training saw.
 """
 from gemmatune.data.audio import MAX_AUDIO_SECONDS, AudioRef, audio_features, load_audio
-from gemmatune.data.chat_format import TURN_START
 from gemmatune.data.images import ImageRef, image_patches, load_image
 from gemmatune.data.media import media_run, media_settings, media_token_ids, plan_media
 from gemmatune.data.messages import turn_to_message
@@ -105,9 +104,8 @@ def prompt_inputs(tokenizer, messages: list[dict], max_soft_tokens: int = 280, m
     media = plan_media(messages, "prompt", settings)
     ids = media_token_ids(tokenizer) if media else None
     tokens = tokenize_conversation(tokenizer, messages, 10 ** 9, media_runs=[media_run(r, ids) for r in media],
-                                   media_ids=ids, where="prompt")
-    header = getattr(tokenizer, "tokenizer", tokenizer)(f"{TURN_START}model\n", add_special_tokens=False)
-    input_ids = tokens["input_ids"] + header["input_ids"]
+                                   media_ids=ids, where="prompt", add_generation_prompt=True)
+    input_ids = tokens["input_ids"]
     example = {"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids)}
     if media:
         example.update(media=media, media_ids=ids)

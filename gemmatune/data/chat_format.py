@@ -10,6 +10,12 @@ BOS, TURN_START, TURN_END = "<bos>", "<|turn>", "<turn|>"
 PART_PLACEHOLDERS = {"image": "<|image|>", "audio": "<|audio|>"}  # the processor expands these
 
 
+def generation_prompt() -> str:
+    """The text after which the model writes its answer (the opening of a model turn): the end of
+    every prompt, and the untrained start of every answer turn in training."""
+    return f"{TURN_START}model\n"
+
+
 def role_name(role: str) -> str:
     """The name Gemma 4 writes after <|turn>: the assistant is "model"."""
     return "model" if role in ("assistant", "model") else role
@@ -32,4 +38,4 @@ def format_chat(messages: list[dict], add_generation_prompt: bool = False) -> st
     """
     text = BOS + "".join(f"{TURN_START}{role_name(m['role'])}\n{render_content(m['content'])}{TURN_END}\n"
                          for m in messages)
-    return text + (f"{TURN_START}model\n" if add_generation_prompt else "")
+    return text + (generation_prompt() if add_generation_prompt else "")

@@ -9,7 +9,7 @@ with train_on_inputs=True. Truncation never cuts through a media run: `cuts_medi
 caller, which drops such a row (a run cut short would make the tower's output disagree with the
 placeholders).
 """
-from gemmatune.data.chat_format import TURN_END, TURN_START, render_content, role_name
+from gemmatune.data.chat_format import TURN_END, TURN_START, generation_prompt, render_content, role_name
 from gemmatune.errors import DatasetFormatError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
@@ -18,7 +18,7 @@ IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
                           train_on_inputs: bool = False, segment_cache: dict | None = None,
                           media_runs: list[list[int]] | None = None, media_ids: dict | None = None,
-                          where: str = "row") -> dict:
+                          where: str = "row", add_generation_prompt: bool = False) -> dict:
     """dict(input_ids, labels, truncated, length, media_kept, cuts_media) for one conversation, cut
     to max_seq_length tokens (`length`: before the cut).
 
@@ -32,6 +32,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
     they are never trained. `media_kept` counts the runs that fit; `cuts_media` says that
     max_seq_length falls inside one (prepare_dataset then drops the row). With media_ids, a text
     part that tokenises to a media token raises DatasetFormatError naming `where`.
+    add_generation_prompt: end with the generation prompt (`generation_prompt()`), untrained: the
+    prompt of a reply, the same ids as the start of a training row's answer turn.
     """
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     input_ids, labels, cache = [], [], {} if segment_cache is None else segment_cache
@@ -65,6 +67,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
                 add(ids, answer and not is_media)
         add(fixed(TURN_END), answer)
         add(fixed("\n"), train_on_inputs)
+    if add_generation_prompt:  # where the model's answer starts: what chat() and evaluation prompt with
+        add(fixed(generation_prompt()), False)
     truncated = len(input_ids) > max_seq_length
     return {"input_ids": input_ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated,
             "length": len(input_ids), "media_kept": sum(end <= max_seq_length for _, end in media_spans),

@@ -15,6 +15,13 @@ M is the number of label tokens across all gradient-accumulation micro-batches (
 caller) or, by default, the non-ignored labels of this call; when M is 0 the loss and all
 gradients are 0, never NaN.
 
+Per-token log-probabilities (`fused_linear_logprobs`, for preference and policy-gradient losses):
+logp = c_y - lse per row, 0 for ignored rows, with d logp / d z_j = -(d CE / d c_j as above, M = 1)
+times (1 - tanh^2). Their upstream gradient g (one value per row) is known only after the forward
+(it depends on the log-probabilities themselves), so the backward recomputes each chunk's logits
+and runs the same kernel with a per-row scale -g (ROW_SCALE); the forward runs only its first pass
+(WRITE_GRAD=False). It stores nothing of size V: the hidden states are kept for the backward.
+
 How: tokens go in chunks whose logits fit `memory_budget_mib` (at V = 262144 in bf16, the
 default 192 MiB is 384 rows: 6 chunks for 2048 tokens, so logits + d hidden stay under 256 MiB). Per chunk,
 cuBLAS computes z = h W^T in the input
@@ -65,7 +72,8 @@ def _tanh_and_sech2(x):
 @triton.jit
 def _ce_loss_and_grad_kernel(
     logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad_scale_ptr, n_rows, n_cols, softcap, ignore_index,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr, ROW_SCALE: tl.constexpr = False,
+    WRITE_GRAD: tl.constexpr = True,
 ):
     rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
     row_mask = rows < n_rows
@@ -98,20 +106,25 @@ def _ce_loss_and_grad_kernel(
         z_label = softcap * t_label
     tl.store(loss_ptr + rows, tl.where(valid, lse - z_label, 0.0), mask=row_mask)
 
-    # Pass 2: overwrite the logits with d loss / d z = (softmax - onehot) * (1 - tanh^2) * grad_scale.
-    scale = tl.load(grad_scale_ptr)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = row_mask[:, None] & (cols[None, :] < n_cols)
-        z = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            t, sech2 = _tanh_and_sech2(z / softcap)
-            z = softcap * t
-        grad = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
-        if HAS_SOFTCAP:
-            grad = grad * sech2
-        grad = tl.where(valid[:, None], grad * scale, 0.0)
-        tl.store(row_ptrs[:, None] + cols[None, :], grad.to(logits_ptr.dtype.element_ty), mask=mask)
+    # Pass 2: overwrite the logits with d loss / d z = (softmax - onehot) * (1 - tanh^2) * grad_scale
+    # (one scale for all rows, or one per row with ROW_SCALE).
+    if WRITE_GRAD:
+        if ROW_SCALE:
+            scale = tl.load(grad_scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        else:
+            scale = tl.load(grad_scale_ptr)
+        for start in range(0, n_cols, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = row_mask[:, None] & (cols[None, :] < n_cols)
+            z = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                t, sech2 = _tanh_and_sech2(z / softcap)
+                z = softcap * t
+            grad = tl.exp(z - lse[:, None]) - tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+            if HAS_SOFTCAP:
+                grad = grad * sech2
+            grad = tl.where(valid[:, None], grad * scale, 0.0)
+            tl.store(row_ptrs[:, None] + cols[None, :], grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_inputs(hidden, weight, labels):
@@ -152,6 +165,15 @@ def _add_grad_weight(grad_w, grad_logits, h_chunk, budget_bytes):
             grad_w[v0:v0 + step].addmm_(g.t().float(), h_f32)
 
 
+def _launch_settings(vocab: int, on_gpu: bool) -> tuple[int, int, int]:
+    """(BLOCK_V, BLOCK_ROWS, num_warps). GPU: one row per program (a row is 0.5 MiB of bf16 logits at
+    V = 262144). The interpreter pays per program, so there a program takes as many rows as fit 64Ki
+    elements."""
+    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    block_rows = 1 if on_gpu else max(1, 65536 // block_v)
+    return block_v, block_rows, 8 if block_v >= 2048 else 4
+
+
 def chunk_rows_for(n_rows: int, vocab: int, element_size: int, memory_budget_mib: float) -> int:
     """Rows per chunk so that one chunk of logits fits the budget (at least 1, at most n_rows)."""
     return max(1, min(n_rows, int(memory_budget_mib * 2**20 // (vocab * element_size))))
@@ -168,11 +190,7 @@ def fused_linear_ce_forward(hidden, weight, labels, softcap, ignore_index, norma
     n_rows, vocab = h2.shape[0], weight.shape[0]
     budget_bytes = memory_budget_mib * 2**20
     chunk_rows = chunk_rows_for(n_rows, vocab, h2.element_size(), memory_budget_mib)
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    # GPU: one row per program (a row is 0.5 MiB of bf16 logits at V = 262144). The interpreter
-    # pays per program, so there a program takes as many rows as fit 64Ki elements.
-    block_rows = 1 if h2.is_cuda else max(1, 65536 // block_v)
-    num_warps = 8 if block_v >= 2048 else 4
+    block_v, block_rows, num_warps = _launch_settings(vocab, h2.is_cuda)
 
     inv_norm = _inverse_normalizer(labels, ignore_index, normalizer, h2.device)
     if h2.dtype == torch.float16:
@@ -236,6 +254,90 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
+def fused_linear_logprobs_forward(hidden, weight, labels, softcap, ignore_index, memory_budget_mib):
+    """log p(label) of each row in fp32 (0 for ignored rows): the kernel's first pass only."""
+    _check_inputs(hidden, weight, labels)
+    shape = labels.shape
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).contiguous()
+    n_rows, vocab = h2.shape[0], weight.shape[0]
+    chunk_rows = chunk_rows_for(n_rows, vocab, h2.element_size(), memory_budget_mib)
+    block_v, block_rows, num_warps = _launch_settings(vocab, h2.is_cuda)
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=h2.device)
+    logits_buf = torch.empty((chunk_rows, vocab), dtype=h2.dtype, device=h2.device)
+    unused_scale = torch.zeros((), dtype=torch.float32, device=h2.device)
+    for start in range(0, n_rows, chunk_rows):
+        end = min(n_rows, start + chunk_rows)
+        logits = logits_buf[: end - start]
+        torch.mm(h2[start:end], weight.t(), out=logits)
+        _ce_loss_and_grad_kernel[(triton.cdiv(end - start, block_rows),)](
+            logits, logits.stride(0), labels[start:end], loss_rows[start:end], unused_scale,
+            end - start, vocab, 1.0 if softcap is None else float(softcap), ignore_index,
+            HAS_SOFTCAP=softcap is not None, BLOCK_ROWS=block_rows, BLOCK_V=block_v, WRITE_GRAD=False,
+            num_warps=num_warps,
+        )
+    return (-loss_rows).view(shape)
+
+
+def fused_linear_logprobs_backward(grad_rows, hidden, weight, labels, softcap, ignore_index, memory_budget_mib,
+                                   need_grad_hidden, need_grad_weight):
+    """(d hidden, d weight) for upstream gradients `grad_rows` (one per row): each chunk's logits are
+    recomputed and turned into d logp / d z * g in place. fp16 stores them scaled so that the largest
+    |g| maps to FP16_GRAD_SCALE (small g would underflow), undone in fp32 after the matmuls."""
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).contiguous()
+    n_rows, vocab = h2.shape[0], weight.shape[0]
+    chunk_rows = chunk_rows_for(n_rows, vocab, h2.element_size(), memory_budget_mib)
+    block_v, block_rows, num_warps = _launch_settings(vocab, h2.is_cuda)
+    g = grad_rows.reshape(-1).to(torch.float32)
+    if h2.dtype == torch.float16:
+        largest = g.abs().max().clamp_min(1e-30)
+        row_scale, factor = (-g * (FP16_GRAD_SCALE / largest)).contiguous(), largest / FP16_GRAD_SCALE
+    else:
+        row_scale, factor = (-g).contiguous(), None
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=h2.device)
+    logits_buf = torch.empty((chunk_rows, vocab), dtype=h2.dtype, device=h2.device)
+    grad_h = torch.empty_like(h2) if need_grad_hidden and factor is None else None
+    grad_h_chunks = []  # fp16: each chunk's d hidden, unscaled in fp32 before it is rounded
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h2.device) if need_grad_weight else None
+    for start in range(0, n_rows, chunk_rows):
+        end = min(n_rows, start + chunk_rows)
+        h_chunk, logits = h2[start:end], logits_buf[: end - start]
+        torch.mm(h_chunk, weight.t(), out=logits)
+        _ce_loss_and_grad_kernel[(triton.cdiv(end - start, block_rows),)](
+            logits, logits.stride(0), labels[start:end], loss_rows[start:end], row_scale[start:end],
+            end - start, vocab, 1.0 if softcap is None else float(softcap), ignore_index,
+            HAS_SOFTCAP=softcap is not None, BLOCK_ROWS=block_rows, BLOCK_V=block_v, ROW_SCALE=True,
+            num_warps=num_warps,
+        )
+        if need_grad_hidden and factor is None:
+            torch.mm(logits, weight, out=grad_h[start:end])
+        elif need_grad_hidden:
+            grad_h_chunks.append(((logits @ weight).float() * factor).to(h2.dtype))
+        if need_grad_weight:
+            _add_grad_weight(grad_w, logits, h_chunk, memory_budget_mib * 2**20)
+    if grad_h_chunks:
+        grad_h = torch.cat(grad_h_chunks)
+    if grad_w is not None:
+        grad_w = (grad_w if factor is None else grad_w * factor).to(weight.dtype)
+    return (grad_h.view(hidden.shape) if grad_h is not None else None), grad_w
+
+
+class FusedLinearLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, ignore_index, memory_budget_mib):
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.settings = (softcap, ignore_index, memory_budget_mib)
+        return fused_linear_logprobs_forward(hidden, weight, labels, softcap, ignore_index, memory_budget_mib)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_h, grad_w = fused_linear_logprobs_backward(grad_rows, hidden, weight, labels, *ctx.settings,
+                                                        ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return grad_h, grad_w, None, None, None, None
+
+
 def fused_linear_cross_entropy_reference(hidden, weight, labels, softcap=30.0, ignore_index=-100, normalizer=None):
     """The plain computation: materialise the logits (matmul in the input dtype, then fp32), softcap,
     summed cross-entropy, divided by the normalizer (0 when it is 0)."""
@@ -261,3 +363,25 @@ def fused_linear_cross_entropy(hidden, weight, labels, softcap=30.0, ignore_inde
         return FusedLinearCrossEntropyFunction.apply(hidden, weight, labels, softcap, ignore_index, normalizer,
                                                      memory_budget_mib, need_h, need_w)
     return fused_linear_cross_entropy_reference(hidden, weight, labels, softcap, ignore_index, normalizer)
+
+
+def fused_linear_logprobs_reference(hidden, weight, labels, softcap=30.0, ignore_index=-100):
+    """The plain computation: materialise the logits (fp32), softcap, log-softmax, the label's entry."""
+    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    flat = labels.reshape(-1)
+    valid = flat != ignore_index
+    picked = logits.log_softmax(-1).gather(1, torch.where(valid, flat, 0)[:, None])[:, 0]
+    return torch.where(valid, picked, torch.zeros_like(picked)).view(labels.shape)
+
+
+def fused_linear_logprobs(hidden, weight, labels, softcap=30.0, ignore_index=-100, memory_budget_mib=192):
+    """log p(label) under softcap * tanh(hidden @ weight.T / softcap), one fp32 value per row.
+
+    hidden (N, H) or (B, S, H); weight the LM head (V, H); labels (N,) or (B, S), already shifted;
+    ignored rows give 0. Differentiable in hidden and weight; the logits are never materialised
+    (a chunk at a time, recomputed in the backward). Returns a tensor of labels' shape."""
+    if use_triton(hidden, weight, labels):
+        return FusedLinearLogprobsFunction.apply(hidden, weight, labels, softcap, ignore_index, memory_budget_mib)
+    return fused_linear_logprobs_reference(hidden, weight, labels, softcap, ignore_index)

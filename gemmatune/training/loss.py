@@ -18,7 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmatune.kernels.fused_linear_ce import fused_linear_cross_entropy
+from gemmatune.kernels.fused_linear_ce import (
+    fused_linear_cross_entropy,
+    fused_linear_logprobs,
+    fused_linear_logprobs_reference,
+)
 from gemmatune.model import towers
 from gemmatune.model.patching import builds_own_masks
 
@@ -72,19 +76,36 @@ def model_inputs(batch: dict) -> dict:
 
 def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool = True) -> torch.Tensor:
     """sum of token losses in `batch` / `normalizer`, via the fused kernel or plain PyTorch."""
+    return hidden_states_loss(unwrap(model), last_hidden_states(model, batch), batch["labels"], normalizer, fused)
+
+
+def token_logprobs(model: nn.Module, batch: dict, fused: bool = True) -> torch.Tensor:
+    """log p(label) of every position's next token, (batch, seq) fp32, 0 where the label is ignored
+    (the last position included). What preference and policy-gradient losses are built from; the
+    fused path never materialises the logits (gemmatune.kernels.fused_linear_ce)."""
+    base = unwrap(model)
+    hidden = last_hidden_states(model, batch)
+    labels = shifted_labels(batch["labels"]).to(hidden.device)
+    softcap = base.config.get_text_config().final_logit_softcapping
+    if fused:
+        return fused_linear_logprobs(hidden, base.lm_head.weight, labels, softcap=softcap, ignore_index=IGNORE_INDEX)
+    return fused_linear_logprobs_reference(hidden, base.lm_head.weight, labels, softcap=softcap,
+                                           ignore_index=IGNORE_INDEX)
+
+
+def last_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states for `batch` (text, or images/audio through the towers)."""
     base = unwrap(model)
     inner = towers.multimodal_model(base)
     if inner is not None:  # image/audio-capable model: towers, then the language model
         inputs = without_needless_mask(batch)
         embeds = towers.embed_inputs(inner, inputs)
         text_ids = towers.text_token_ids(inputs["input_ids"], base.config)
-        return language_model_loss(base, embeds, text_ids, batch["labels"], normalizer, fused,
-                                   attention_mask=inputs.get("attention_mask"))
+        return language_model_hidden_states(base, embeds, text_ids, attention_mask=inputs.get("attention_mask"))
     inputs = model_inputs(batch)
     if "attention_mask" not in inputs and builds_own_masks(base.model):
         inputs["attention_mask"] = {kind: None for kind in set(base.config.get_text_config().layer_types)}
-    hidden = base.model(**inputs, use_cache=False).last_hidden_state
-    return hidden_states_loss(base, hidden, batch["labels"], normalizer, fused)
+    return base.model(**inputs, use_cache=False).last_hidden_state
 
 
 def language_model_loss(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor,
@@ -92,15 +113,21 @@ def language_model_loss(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: 
     """The loss of a Gemma4ForConditionalGeneration's language model run on `inputs_embeds`
     (from towers.embed_inputs); `text_ids` (placeholders as the pad id) pick the per-layer
     embeddings. No attention mask means a right-padded batch (see without_needless_mask)."""
+    hidden = language_model_hidden_states(base, inputs_embeds, text_ids, attention_mask)
+    return hidden_states_loss(base, hidden, labels, normalizer, fused)
+
+
+def language_model_hidden_states(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: torch.Tensor,
+                                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A Gemma4ForConditionalGeneration's language model on `inputs_embeds`: its last hidden states."""
     text_model = base.model.language_model
     per_layer_inputs = None
     if text_model.hidden_size_per_layer_input:  # (ids, None): transformers 5.17 has no default for the second
         per_layer_inputs = text_model.get_per_layer_inputs(text_ids, None)
     if attention_mask is None and builds_own_masks(text_model):
         attention_mask = {kind: None for kind in set(text_model.config.layer_types)}
-    hidden = text_model(inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, attention_mask=attention_mask,
-                        use_cache=False).last_hidden_state
-    return hidden_states_loss(base, hidden, labels, normalizer, fused)
+    return text_model(inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, attention_mask=attention_mask,
+                      use_cache=False).last_hidden_state
 
 
 def hidden_states_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, normalizer,

@@ -60,7 +60,7 @@ def _compile(kernel, args, kwargs, capability):
     for index, param in enumerate(params):
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-            constexprs[(index,)] = values[param.name]
+            constexprs[(index,)] = values[param.name] if param.name in values else param.default
         else:
             signature[param.name] = _type_of(values[param.name])
     options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
@@ -145,6 +145,9 @@ def _launch_every_kernel(dtype):
         hidden, head = rand(2048, 1536), rand(262144, 1536)
         labels = torch.zeros(2048, dtype=torch.int64, device="cuda")
         fused_linear_ce.fused_linear_ce_forward(hidden, head, labels, 30.0, -100, None, 256, True, False)
+        fused_linear_ce.fused_linear_logprobs_forward(hidden, head, labels, 30.0, -100, 256)
+        fused_linear_ce.fused_linear_logprobs_backward(labels.float(), hidden, head, labels, 30.0, -100, 256, True,
+                                                       False)
 
 
 def main(gpu):

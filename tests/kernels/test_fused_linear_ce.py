@@ -243,3 +243,79 @@ def test_gpu_never_materialises_logits():
     torch.cuda.synchronize()
     extra_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
     assert extra_mib < 512, extra_mib  # 256 chunk + 6 grad_h + small change
+
+
+# ------------------------------------------------------------------ per-token log-probabilities
+def logprob_oracle(h, w, labels, softcap):
+    """fp64 log p(label) per row, 0 for ignored rows, written independently of the module."""
+    z = h.double() @ w.double().t()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = labels != IGNORE
+    picked = z.gather(1, labels.clamp_min(0)[:, None])[:, 0] - torch.logsumexp(z, -1)
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+def logprob_grads(fn, h, w, labels, upstream, **kw):
+    """log-probs and the gradients of sum(upstream * logp), on fresh leaves."""
+    h = h.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    logp = fn(h, w, labels, **kw)
+    (logp * upstream.to(logp.dtype)).sum().backward()
+    return logp.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("n,hidden,vocab,softcap,budget_mib", [
+    (1, 64, 512, 30.0, 256),       # one row
+    (7, 96, 500, None, 256),       # no softcap, odd vocabulary
+    (333, 64, 500, 30.0, 0.05),    # 13 chunks, a short last one: the backward recomputes each
+    (7, 200, 9000, 30.0, 256),     # vocabulary larger than one block
+])
+def test_logprobs_match_fp64_oracle(kernel_path, poison_empty, n, hidden, vocab, softcap, budget_mib):
+    h, w, labels = make_case(n, hidden, vocab, seed=2 * n + vocab)
+    upstream = torch.randn(n, generator=torch.Generator().manual_seed(n))  # any per-row weights (DPO, GRPO)
+    kw = dict(softcap=softcap, **({"memory_budget_mib": budget_mib} if kernel_path == "triton" else {}))
+    logp, gh, gw = logprob_grads(mod.fused_linear_logprobs, h, w, labels, upstream, **kw)
+    ref, ref_gh, ref_gw = logprob_grads(lambda h, w, y: logprob_oracle(h, w, y, softcap), h.double(), w.double(),
+                                        labels, upstream.double())
+    for t in (logp, gh, gw):
+        assert torch.isfinite(t).all()
+    assert logp.dtype == torch.float32 and logp.shape == labels.shape
+    assert (logp[labels == IGNORE] == 0).all() and (logp[labels != IGNORE] < 0).all()
+    # fp32 throughout, as for the loss: ~1e-6 relative.
+    assert rel_err(logp, ref) < 1e-5
+    assert rel_err(gh, ref_gh) < 1e-5 and rel_err(gw, ref_gw) < 1e-5
+
+
+def test_logprobs_are_minus_the_per_row_loss(kernel_path):
+    """The same kernel as the loss: sum of log-probs over the labels == -(summed cross-entropy)."""
+    h, w, labels = make_case(40, 64, 700, seed=11)
+    logp = mod.fused_linear_logprobs(h, w, labels.view(4, 10).view(-1), softcap=30.0)
+    loss_sum = mod.fused_linear_cross_entropy(h, w, labels, softcap=30.0, normalizer=1.0)
+    assert abs(logp.sum().item() + loss_sum.item()) <= 1e-5 * abs(loss_sum.item())
+
+
+def test_logprobs_keep_a_batched_shape_and_take_no_grad_in_no_grad_mode(kernel_path):
+    h, w, labels = make_case(2 * 9, 64, 500, seed=5)
+    with torch.no_grad():
+        batched = mod.fused_linear_logprobs(h.view(2, 9, 64), w, labels.view(2, 9))
+    assert batched.shape == (2, 9) and not batched.requires_grad
+    torch.testing.assert_close(batched.view(-1), mod.fused_linear_logprobs(h, w, labels).detach())
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_logprobs_half_precision_on_gpu(dtype, err_log):
+    """bf16/fp16 at an E2B-like vocabulary: within a small factor of plain PyTorch's own error in that
+    dtype; fp16 with tiny per-row weights (1e-4) must not underflow to zero gradients."""
+    h, w, labels = make_case(512, 1536, 262144, device="cuda", seed=7)
+    upstream = torch.full((512,), 1e-4, device="cuda")
+    ref, ref_gh, ref_gw = logprob_grads(lambda h, w, y: logprob_oracle(h, w, y, 30.0), h.double(), w.double(),
+                                        labels, upstream.double())
+    ours = logprob_grads(mod.fused_linear_logprobs, h.to(dtype), w.to(dtype), labels, upstream)
+    plain = logprob_grads(mod.fused_linear_logprobs_reference, h.to(dtype), w.to(dtype), labels, upstream)
+    for name, i, oracle_value in (("logp", 0, ref), ("grad_h", 1, ref_gh), ("grad_w", 2, ref_gw)):
+        e_ours, e_plain = rel_err(ours[i], oracle_value), rel_err(plain[i], oracle_value)
+        err_log(test="fused_linear_logprobs", dtype=str(dtype), value=name, ours=e_ours, pytorch=e_plain)
+        assert torch.isfinite(ours[i]).all() and ours[i].abs().max() > 0
+        assert e_ours <= 2 * e_plain + 1e-3, (name, e_ours, e_plain)
