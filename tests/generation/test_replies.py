@@ -95,19 +95,20 @@ def test_chat_reads_the_medium_as_evaluation_and_training_do(full_model, kind):
 
 
 def test_generate_replies_batches_media_prompts_each_in_its_own_row(full_model):
-    """Two images, a clip and a text prompt, left-padded in one batch: each row's first-token logits
-    are those of the same prompt alone (so each row's soft tokens filled its own placeholders)."""
+    """Two images, two clips and a text prompt, left-padded in one batch: each row's first-token
+    logits are those of the same prompt alone (so each row's soft tokens filled its own
+    placeholders), and no two rows agree."""
     model, tokenizer = full_model
     prompts = [message("image", 0), [{"role": "user", "content": [QUESTION, medium("image", 1)]}],
-               message("audio", 0), "A text prompt among them."]
+               message("audio", 0), [{"from": "human", "value": [medium("audio", 1)]}], "A text prompt among them."]
     with head_outputs(model) as calls:
-        replies = gemmatune.generate_replies(model, tokenizer, prompts, max_new_tokens=3, batch_size=4, **MEDIA)
+        replies = gemmatune.generate_replies(model, tokenizer, prompts, max_new_tokens=3, batch_size=5, **MEDIA)
     batched = calls[0][:, -1]
-    assert batched.shape[0] == 4 and len(replies) == 4
+    assert batched.shape[0] == 5 and len(replies) == 5
     alone = [first_logits(model, lambda p=p: gemmatune.chat(model, tokenizer, p, max_new_tokens=1, **MEDIA))[0]
              for p in prompts]
     for i, logits in enumerate(alone):
-        close = [j for j in range(4) if torch.allclose(batched[j], logits, rtol=1e-4, atol=1e-4)]
+        close = [j for j in range(5) if torch.allclose(batched[j], logits, rtol=1e-4, atol=1e-4)]
         assert len(close) == 1, f"prompt {i}: matches batch rows {close}"
     assert gemmatune.generate_replies(model, tokenizer, prompts, max_new_tokens=3, batch_size=1, **MEDIA) == replies
 
