@@ -382,7 +382,8 @@ def main() -> None:
     if args.media:  # one multimodal checkpoint, bf16 (the flags --models and --dtypes do not apply)
         args.models, args.dtypes = ["e4b"], ["bf16"]
     for model in args.models:
-        folder = Path(args.ckpt_root) / (f"{model}-multimodal" if args.media else model)
+        # the multimodal checkpoint where train_step_multimodal.py puts it: one build serves both
+        folder = Path(args.ckpt_root + "-mm" if args.media else args.ckpt_root) / model
         (train_step_multimodal if args.media else train_step).build_checkpoint(model, folder)
         for dtype in args.dtypes:
             for stack in args.stacks:
