@@ -35,7 +35,7 @@ from gemmatune.data import (
     show_example,
 )
 from gemmatune.export import export_gguf, merge_and_save
-from gemmatune.generation import chat, generate_replies, score
+from gemmatune.generation import chat, generate_replies, score, stream_reply
 from gemmatune.model import (
     TINY_MODEL_ID,
     add_lora,
@@ -54,4 +54,4 @@ __all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "audio_to_
            "choose_model_and_data", "data", "export", "export_gguf", "generate_replies", "generation",
            "image_to_text", "load_adapter", "load_bundled_dataset", "load_hub_dataset", "load_model",
            "merge_and_save", "model", "predict_peak_gib", "prepare_dataset", "save_adapter", "score", "show_example",
-           "train", "trainable_parameters", "training"]
+           "stream_reply", "train", "trainable_parameters", "training"]

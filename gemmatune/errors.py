@@ -28,6 +28,10 @@ class ModelLoadError(GemmatuneError, OSError):
     """A model id or folder that cannot be loaded."""
 
 
+class MissingTowerError(GemmatuneError, ValueError):
+    """Images or audio for a model loaded without the tower that reads them: refused, never ignored."""
+
+
 class TrainingSetupError(GemmatuneError, ValueError):
     """Settings or data that would make `train` fail or do nothing, found before the first step."""
 

@@ -122,3 +122,18 @@ def fine_tuned(load_in_4bit: bool, modalities=("text",), towers=False, seed=5, m
         model = gemmatune.add_lora(model, r=4, alpha=8)
     randomize_lora(model, seed)
     return model.eval(), tokenizer
+
+
+def picture(seed: int = 0, height: int = 48, width: int = 96):
+    """A random RGB PIL image: two seeds give two different images of the same size."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def tone(seconds: float = 0.5, hertz: float = 330.0, rate: int = 16000):
+    """A sine tone as a float32 array at `rate` Hz: two pitches give two different clips."""
+    import numpy as np
+
+    return (0.3 * np.sin(2 * np.pi * hertz * np.arange(int(seconds * rate)) / rate)).astype(np.float32)

@@ -8,13 +8,15 @@
     media.py        messages -> an ImageRef/AudioRef per media part (checked and counted)
     chat_format.py  messages -> Gemma 4's chat format as text
     tokens.py       messages + media runs -> token ids and labels (answers only)
-    dataset.py      prepare_dataset: all of the above for every row, with a report
-    batches.py      prepared rows -> padded tensors (media decoded now); a generation prompt's tensors
+    batches.py      messages -> tokens + media refs, the one way for a training row and a prompt alike
+                    (conversation_tokens); examples -> padded tensors, media decoded now (collate);
+                    prompts -> left-padded tensors to generate from (prompt_batch)
+    dataset.py      prepare_dataset: every row through the above, with a report
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
 modules above it in this list (and gemmatune.errors).
 """
-from gemmatune.data.batches import collate, prompt_inputs
+from gemmatune.data.batches import collate, conversation_tokens, prompt_batch, prompt_messages
 from gemmatune.data.chat_format import format_chat
 from gemmatune.data.dataset import (
            PreparedDataset,
@@ -32,6 +34,7 @@ from gemmatune.data.rows import (
 )
 from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
 
-__all__ = ["IGNORE_INDEX", "PreparedDataset", "audio_to_text", "bundled_dataset_path", "collate", "format_chat",
-           "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_hub_dataset", "prepare_dataset",
-           "prompt_inputs", "row_media", "show_example", "split_train_eval", "to_messages", "tokenize_conversation"]
+__all__ = ["IGNORE_INDEX", "PreparedDataset", "audio_to_text", "bundled_dataset_path", "collate", "conversation_tokens",
+           "format_chat", "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_hub_dataset",
+           "prepare_dataset", "prompt_batch", "prompt_messages", "row_media", "show_example", "split_train_eval",
+           "to_messages", "tokenize_conversation"]

@@ -1,7 +1,8 @@
 """prepare_dataset: every row through the data path, with counts of what was kept, cut and skipped.
 
-    rows --numbered_rows--> (where, row) --row_to_messages--> messages --plan_media--> media refs
-         --tokenize_conversation--> input_ids + labels  ==> PreparedDataset  --collate--> tensors
+    rows --numbered_rows--> (where, row) --row_to_messages--> messages
+         --conversation_tokens (plan_media, tokenize_conversation)--> input_ids + labels + media refs
+         ==> PreparedDataset  --collate--> tensors
 
 Text rows take the same path (they have no media parts). The report says how many rows and tokens
 there are, how many are trained, and why any row was truncated, dropped or skipped.
@@ -14,11 +15,12 @@ from itertools import groupby
 from pathlib import Path
 
 from gemmatune.data.audio import MAX_AUDIO_SECONDS
+from gemmatune.data.batches import as_example, conversation_tokens
 from gemmatune.data.images import ImageRef
-from gemmatune.data.media import media_run, media_settings, media_token_ids, plan_media
-from gemmatune.data.messages import has_media, row_to_messages
+from gemmatune.data.media import media_settings
+from gemmatune.data.messages import row_to_messages
 from gemmatune.data.rows import numbered_rows
-from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
+from gemmatune.data.tokens import IGNORE_INDEX
 from gemmatune.errors import DatasetFormatError
 
 SKIP_HINT = "Fix the row, or pass skip_bad_rows=True to skip such rows (they are counted in the report)."
@@ -128,17 +130,13 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
                          "trained token); Gemma 4 rows are usually 256-4096 tokens long")
     base_dir = Path(data).parent if isinstance(data, (str, os.PathLike)) and data != "bundled" else None
     settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins, base_dir, verify_media)
-    prepared, cache, ids = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}, None
+    prepared, cache = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}
     for where, row in numbered_rows(data):
         try:
             if isinstance(row, DatasetFormatError):
                 raise row
             messages = row_to_messages(row, where, formatting_func)
-            media = plan_media(messages, where, settings) if has_media(messages) else []
-            ids = ids or (media_token_ids(tokenizer) if media else None)  # read once, and only for media
-            runs = [media_run(ref, ids) for ref in media] if media else None
-            tokens = tokenize_conversation(tokenizer, messages, max_seq_length, train_on_inputs, cache, runs,
-                                           ids if media else None, where)
+            tokens = conversation_tokens(tokenizer, messages, settings, where, max_seq_length, train_on_inputs, cache)
         except DatasetFormatError as error:
             if not skip_bad_rows:
                 raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
@@ -153,10 +151,7 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
         elif all(label == IGNORE_INDEX for label in tokens["labels"]):
             prepared.rows_dropped_untrained += 1
         else:
-            example = {"input_ids": tokens["input_ids"], "labels": tokens["labels"]}
-            if media and tokens["media_kept"]:
-                example.update(media=media[:tokens["media_kept"]], media_ids=ids)
-            prepared.examples.append(example)
+            prepared.examples.append(as_example(tokens))
             prepared.truncated.append(tokens["truncated"])
     return prepared
 

@@ -13,7 +13,9 @@ How, for a batch of left-padded prompts (`generate`):
    with, as transformers does.
 2. Prefill: the model's own forward (transformers' code: images, audio and LoRA work as in
    training) with that cache, the masks and positions `model.generate` uses, and
-   `logits_to_keep=1`: only the last position's logits are ever computed.
+   `logits_to_keep=1`: only the last position's logits are ever computed. A prompt's images and
+   clips enter here only (their soft tokens land in the cache), so a media prompt decodes with
+   the same steps and graphs as a text prompt of its length.
 3. Decode: a step reads everything from device buffers (the current token, its cache index, each
    row's padding) and writes everything back (K/V, the next token, the stop flags, the index + 1),
    so the same kernels can run again with no host work. On CUDA the first step runs eagerly (it
@@ -21,9 +23,10 @@ How, for a batch of left-padded prompts (`generate`):
    one graph launch. The next token's per-layer-embedding row is read by the GPU straight from
    the pinned CPU table (gemmatune.kernels.row_gather): no step waits for the host.
 4. The host reads the tokens every CHUNK steps (a non-blocking copy, with the next chunk already
-   queued), feeds the streamer and stops once every row has emitted a stop token. A finished row
-   gets pad tokens, as in `model.generate`; at most 2 * CHUNK steps run past the last stop. On a
-   CPU the steps run eagerly and the host checks every step (there is nothing to overlap).
+   queued), hands them on (`stream_tokens` yields them; `generate` joins them and feeds a streamer)
+   and stops once every row has emitted a stop token. A finished row gets pad tokens, as in
+   `model.generate`; at most 2 * CHUNK steps run past the last stop. On a CPU the steps run
+   eagerly and the host checks every step (there is nothing to overlap).
 5. What a step runs on the patched model (gemmatune.model.patching): at batch 1 each 4-bit projection
    through the NF4 GEMV, which reads the packed weights once and adds the LoRA update in the same
    program, its LoRA down-projection in one small kernel (kernels/nf4_gemv.py), with the adapters'
@@ -41,57 +44,33 @@ positions (the attention mask's cumsum), masks (causal, the sliding window, left
 argmax of the softcapped logits, stop tokens kept and pad after them. Where the fast path does
 not apply (a model that is not Gemma 4, FlashAttention, bidirectional image attention) the stock
 `model.generate` runs instead, with the same arguments.
+
+Refused before the prefill: settings that mean nothing (`check_settings`), media tensors for a
+model without that tower (gemmatune.model.towers.require_towers: they would be ignored), and a
+second generation on a model whose first is still being read (they would share the buffers).
 """
 import contextlib
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
+from gemmatune.generation.sampling import Sampling, check_settings, choose_tokens
 from gemmatune.kernels import lora_nf4_linear
 from gemmatune.kernels.row_gather import can_gather_on_device, gather_rows
 from gemmatune.model.patching import lora_weights_for_decoding
 from gemmatune.model.ple import HostEmbedding
+from gemmatune.model.towers import input_modalities, require_towers
 
 CHUNK = 8              # decode steps between two reads of the generated tokens by the host
 LENGTH_BUCKET = 256    # static cache lengths are rounded up to a multiple of this
 MAX_STATES = 3         # cache + graph sets kept per model (batch size x length bucket)
 MASK_KINDS = ("full_attention", "sliding_attention")
 STOP_SLOTS = 8         # stop token ids a state holds (a device buffer, -1 for unused slots)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen: greedy (temperature 0) or sampled (temperature, top-k, top-p)."""
-    temperature: float = 0.0
-    top_k: int = 0      # 0: no top-k cut
-    top_p: float = 1.0  # 1.0: no nucleus cut
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-
-def choose_tokens(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Next token ids (B,) from fp32 logits (B, V). Sampling as transformers' warpers do it
-    (temperature, then top-k, then top-p keeping at least one token), drawn with the
-    exponential-race trick (argmax of p / Exp(1)), which is one kernel and capturable."""
-    if sampling.greedy:
-        return logits.argmax(dim=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_k:
-        values, indices = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1)
-    else:
-        values, indices = logits.sort(dim=-1, descending=True)
-    probs = values.softmax(dim=-1)
-    if sampling.top_p < 1.0:
-        before = probs.cumsum(dim=-1) - probs  # probability mass of the better tokens
-        probs = probs.masked_fill(before >= sampling.top_p, 0.0)
-    pick = (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1, keepdim=True)
-    return indices.gather(-1, pick).squeeze(-1)
 
 
 class StaticKVCache:
@@ -423,10 +402,11 @@ class _HostCopy:
 
 
 def decode(decoder: Decoder, parts: ModelParts, state: DecodeState, prompt: int, max_new_tokens: int,
-           sampling: Sampling, stop_ids: set[int], streamer, use_graph: bool) -> torch.Tensor:
-    """Steps until every row stopped or max_new_tokens; returns the new tokens (B, n) on the CPU."""
+           sampling: Sampling, stop_ids: set[int], use_graph: bool) -> Iterator[torch.Tensor]:
+    """Steps until every row stopped or max_new_tokens; yields the new tokens (B, k) on the CPU as the
+    host reads them (the prefill's token, then a chunk at a time), none past the last row's stop."""
     pending, launched = deque([_HostCopy(state.seq[:, prompt:prompt + 1])]), 1  # the prefill's token
-    chunks, open_rows, n_tokens = [], set(range(state.batch)), 0
+    open_rows = set(range(state.batch))
     chunk = CHUNK if parts.device.type == "cuda" else 1  # on a CPU every step waits anyway: no steps wasted
 
     def launch_chunk():
@@ -437,26 +417,26 @@ def decode(decoder: Decoder, parts: ModelParts, state: DecodeState, prompt: int,
         pending.append(_HostCopy(state.seq[:, prompt + launched:prompt + launched + k]))
         launched += k
 
-    while pending:
-        copy = pending.popleft()
-        if launched < max_new_tokens and parts.device.type == "cuda":
-            launch_chunk()  # keeps the GPU busy while the host reads the previous chunk
-        tokens = copy.wait()
-        chunks.append(tokens)
-        for i in range(tokens.shape[1]):  # the host's stop check, as model.generate's
+    try:
+        while pending:
+            copy = pending.popleft()
+            if launched < max_new_tokens and parts.device.type == "cuda":
+                launch_chunk()  # keeps the GPU busy while the host reads the previous chunk
+            tokens, kept = copy.wait(), 0
+            for i in range(tokens.shape[1]):  # the host's stop check, as model.generate's
+                if not open_rows:
+                    break
+                kept += 1
+                open_rows -= {row for row in open_rows if int(tokens[row, i]) in stop_ids}
+            if kept:
+                yield tokens[:, :kept]
             if not open_rows:
                 break
-            n_tokens += 1
-            if streamer is not None:
-                streamer.put(tokens[:, i])
-            open_rows -= {row for row in open_rows if int(tokens[row, i]) in stop_ids}
-        if not open_rows:
-            break
-        if launched < max_new_tokens and not pending:
-            launch_chunk()
-    if parts.device.type == "cuda":
-        torch.cuda.current_stream().synchronize()  # steps queued past the last stop finish here
-    return torch.cat(chunks, dim=1)[:, :n_tokens]
+            if launched < max_new_tokens and not pending:
+                launch_chunk()
+    finally:  # also when the reader stops early (a closed stream)
+        if parts.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()  # steps queued past the last stop finish here
 
 
 @torch.no_grad()
@@ -469,29 +449,68 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
 
     `model_inputs` (pixel_values, image_position_ids, input_features, input_features_mask,
     mm_token_type_ids, ...) go to the prefill, as model.generate passes them to its first step.
-    `streamer` (batch 1): a transformers TextStreamer-like object (put / end)."""
+    `streamer` (batch 1): a transformers TextStreamer-like object (put / end). The tokens come from
+    stream_tokens, which says what is checked and raised."""
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError("streaming works for one prompt at a time; pass streamer=None for a batch")
+    chunks = stream_tokens(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                           stop_token_ids=stop_token_ids, pad_token_id=pad_token_id, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed, cuda_graphs=cuda_graphs, **model_inputs)
+    tokens = []
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    with contextlib.closing(chunks):  # a streamer that raises must not leave the model mid-generation
+        for chunk in chunks:
+            tokens.append(chunk)
+            for i in range(chunk.shape[1] if streamer is not None else 0):
+                streamer.put(chunk[:, i])
+    if streamer is not None:
+        streamer.end()
+    return torch.cat(tokens, dim=1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0)).cpu()
+
+
+@torch.no_grad()
+def stream_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  max_new_tokens: int = 128, stop_token_ids=(), pad_token_id: int = 0, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, cuda_graphs: bool = True,
+                  **model_inputs) -> Iterator[torch.Tensor]:
+    """generate's tokens as the host reads them: (B, k) CPU tensors, k >= 1 (each step on a CPU,
+    CHUNK steps at a time on a GPU); joined along dim 1 they are generate's output. What a streamed
+    reply is made of (gemmatune.generation.stream_reply). Stopping the iteration early stops the
+    generation (the model is back in its mode once the iterator is closed or collected).
+
+    Arguments as for generate; floating model_inputs (pixels, features) are cast to the model's
+    compute dtype. Checked when the first chunk is asked for, before the prefill:
+
+    Raises:
+        ValueError: settings check_settings refuses; right-padded prompts.
+        MissingTowerError: pixel_values or input_features for a model without that tower (they
+            would be ignored).
+        RuntimeError: the model is already generating (an unfinished iterator of it).
+    """
+    check_settings(max_new_tokens, temperature, top_k, top_p)
+    require_towers(model, input_modalities(model_inputs), "the inputs")
     parts = ModelParts.of(model)
     device = parts.device if parts is not None else next(model.parameters()).device
     input_ids = input_ids.to(device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-    model_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs.items()}
+    dtype = parts.dtype if parts is not None else torch.float32
+    model_inputs = {k: _on(v, device, dtype if parts is not None else None) for k, v in model_inputs.items()}
     sampling = Sampling(temperature, top_k, top_p) if temperature > 0 else Sampling()
     stop_ids = [int(i) for i in stop_token_ids]
-    if streamer is not None and input_ids.shape[0] != 1:
-        raise ValueError("streaming works for one prompt at a time; pass streamer=None for a batch")
     if seed is not None:
         torch.manual_seed(seed)
-    dtype = parts.dtype if parts is not None else torch.float32
-    with _eval_mode(model), lora_weights_for_decoding(model, dtype) as lora_copies:
-        fallback = why_not_fast(parts, model_inputs)
-        if fallback is not None:
-            return _stock_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id,
-                                   streamer, sampling, model_inputs)
+    busy = parts.text_model if parts is not None else model
+    with _generating(busy), _eval_mode(model), lora_weights_for_decoding(model, dtype) as lora_copies:
+        if why_not_fast(parts, model_inputs) is not None:
+            tokens = _stock_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id,
+                                     sampling, model_inputs)
+            if tokens.shape[1]:
+                yield tokens
+            return
         left_padding(attention_mask)
         if max_new_tokens < 1:
-            return input_ids.new_zeros((input_ids.shape[0], 0)).cpu()
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
+            return
         decoder = decoder_of(model, parts, lora_copies)
         prompt = input_ids.shape[1]
         length = -(-(prompt + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
@@ -499,20 +518,41 @@ def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Te
         state.start(input_ids, attention_mask, pad_token_id, stop_ids)
         prefill(model, parts, state, input_ids, attention_mask, sampling, model_inputs)
         use_graph = cuda_graphs and why_not_graphed(parts) is None
-        tokens = decode(decoder, parts, state, prompt, max_new_tokens, sampling, set(stop_ids), streamer, use_graph)
-    if streamer is not None:
-        streamer.end()
-    return tokens
+        yield from decode(decoder, parts, state, prompt, max_new_tokens, sampling, set(stop_ids), use_graph)
 
 
-def _stock_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id, streamer, sampling,
+def _on(value, device, dtype):
+    """A model input on the model's device; a floating tensor (pixels, mel features) in `dtype`."""
+    if not torch.is_tensor(value):
+        return value
+    return value.to(device, dtype) if dtype is not None and value.is_floating_point() else value.to(device)
+
+
+def _stock_generate(model, input_ids, attention_mask, max_new_tokens, stop_ids, pad_token_id, sampling,
                     model_inputs) -> torch.Tensor:
     sample = dict(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k or None,
                   top_p=sampling.top_p) if not sampling.greedy else dict(do_sample=False)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                         eos_token_id=stop_ids or None, pad_token_id=pad_token_id, streamer=streamer, use_cache=True,
+                         eos_token_id=stop_ids or None, pad_token_id=pad_token_id, use_cache=True,
                          **sample, **model_inputs)
     return out[:, input_ids.shape[1]:].cpu()
+
+
+_GENERATING: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def _generating(model: nn.Module):
+    """One generation at a time per model: two would share its cache buffers and CUDA graphs."""
+    if model in _GENERATING:
+        raise RuntimeError("this model is already generating (an unfinished stream_reply or stream_tokens "
+                           "iterator?): read it to the end or close() it first; a web app serving several users "
+                           "with one model should hold a lock around each reply")
+    _GENERATING.add(model)
+    try:
+        yield
+    finally:
+        _GENERATING.discard(model)
 
 
 @contextlib.contextmanager

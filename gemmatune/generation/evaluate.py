@@ -9,9 +9,10 @@ text), measured the same way before and after training, on rows training never s
     scores.predictions[0], scores.references[0]
 
 Generation is greedy (repeatable), one row at a time through gemmatune's decode loop
-(gemmatune.generation.decoding.generate: the same tokens as `model.generate`, static cache, CUDA-graph
-steps on a GPU) with the row's image or clip turned into tensors exactly as for training
-(gemmatune.data.batches.prompt_inputs).
+(gemmatune.generation.replies.generate_replies: the same tokens as `model.generate`, static cache,
+CUDA-graph steps on a GPU) with the row's image or clip turned into tensors exactly as for training
+(gemmatune.data.batches.prompt_batch). Every row is read and checked before the first is answered:
+a model without the tower the rows need is refused before any token.
 The error rates are edit distances (Levenshtein) summed over all rows and divided by the
 references' total length: one long reference weighs as much as its length, as jiwer computes them.
 """
@@ -19,13 +20,11 @@ import re
 import string
 from dataclasses import dataclass, field
 
-import torch
-
-from gemmatune.data.batches import prompt_inputs
+from gemmatune.data.batches import media_kinds, prompt_messages
 from gemmatune.data.messages import to_messages
 from gemmatune.data.rows import keep_media_encoded
-from gemmatune.generation.decoding import generate
-from gemmatune.generation.replies import stop_token_ids
+from gemmatune.generation.replies import generate_replies
+from gemmatune.model.towers import require_towers
 
 METRICS = ("exact_match", "character_error_rate", "word_error_rate")
 
@@ -76,9 +75,13 @@ def _check_lengths(predictions, references) -> None:
 
 
 def prompt_and_reference(row, formatting_func=None, where: str = "row") -> tuple[list[dict], str]:
-    """(the conversation up to the last model turn, that turn's text) of a dataset row."""
-    messages = formatting_func(row) if formatting_func is not None else to_messages(row, where)
-    if not messages or messages[-1]["role"] not in ("assistant", "model"):
+    """(the conversation up to the last model turn, that turn's text) of a dataset row, its turns
+    read as prepare_dataset reads them (roles mapped, ShareGPT or OpenAI keys)."""
+    if formatting_func is None:
+        messages = to_messages(row, where)
+    else:
+        messages = prompt_messages(formatting_func(row), where)
+    if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last turn is not the model's answer, so there is nothing to score")
     reference = messages[-1]["content"]
     if not isinstance(reference, str):
@@ -86,19 +89,10 @@ def prompt_and_reference(row, formatting_func=None, where: str = "row") -> tuple
     return messages[:-1], reference
 
 
-@torch.no_grad()
 def generate_answer(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, **media) -> str:
     """The model's greedy answer to `messages` (which may hold image and audio parts);
     `media`: max_soft_tokens / max_audio_seconds / mel_bins, as given to prepare_dataset."""
-    inputs = prompt_inputs(tokenizer, messages, **media)
-    device = next(model.parameters()).device
-    dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
-    inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
-    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    tokens = generate(model, inputs.pop("input_ids"), inputs.pop("attention_mask", None),
-                      max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(text_tokenizer),
-                      pad_token_id=text_tokenizer.pad_token_id, **inputs)
-    return text_tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
+    return generate_replies(model, tokenizer, [messages], max_new_tokens=max_new_tokens, batch_size=1, **media)[0]
 
 
 @dataclass
@@ -132,6 +126,8 @@ def score(model, tokenizer, rows, formatting_func=None, metrics=("exact_match", 
 
     Raises:
         ValueError: an unknown metric, or a row whose last turn is not the model's.
+        MissingTowerError: rows with images or audio for a model loaded without that tower (before
+            any row is answered).
     """
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -139,13 +135,13 @@ def score(model, tokenizer, rows, formatting_func=None, metrics=("exact_match", 
     result = Scores()
     if hasattr(rows, "features"):  # a datasets.Dataset: read image/audio columns undecoded, as prepare_dataset does
         rows = keep_media_encoded(rows)
-    rows = list(rows)
-    for i, row in enumerate(rows, start=1):
-        messages, reference = prompt_and_reference(row, formatting_func, f"row {i}")
+    pairs = [prompt_and_reference(row, formatting_func, f"row {i}") for i, row in enumerate(rows, start=1)]
+    require_towers(model, media_kinds(prompt for prompt, _ in pairs), "the rows")
+    for i, (messages, reference) in enumerate(pairs, start=1):
         result.predictions.append(generate_answer(model, tokenizer, messages, max_new_tokens, **media))
         result.references.append(reference)
         if progress:
-            print(f"\rscored {i}/{len(rows)} rows", end="" if i < len(rows) else "\n", flush=True)
+            print(f"\rscored {i}/{len(pairs)} rows", end="" if i < len(pairs) else "\n", flush=True)
     functions = {"exact_match": exact_match, "character_error_rate": character_error_rate,
                  "word_error_rate": word_error_rate}
     result.metrics = {name: functions[name](result.predictions, result.references) for name in metrics}

@@ -1,10 +1,29 @@
-"""Talk to the model in the Gemma 4 chat format: chat() streams one reply, generate_replies()
-answers many prompts in left-padded batches (held-out evaluation). Both run gemmatune's decode
-loop (gemmatune.generation.decoding: static cache, CUDA-graph steps, no host round trip per token)."""
+"""Talk to the model: chat() answers one conversation and prints the reply as it comes,
+stream_reply() yields it piece by piece (for a web app), generate_replies() answers many prompts
+in left-padded batches (held-out evaluation).
+
+A prompt takes every form a training row takes: a string, OpenAI (`role`/`content`) or ShareGPT
+(`from`/`value`, `human`/`gpt`) turns, content parts with images (PIL, path, bytes) and audio
+(path, bytes, array + sampling_rate). It becomes token ids, pixels and mel features through the
+function that builds training rows (gemmatune.data.batches.prompt_batch: the same placeholder runs,
+pixels and features), so the model reads a prompt as it read its training data. A model loaded
+without the tower a prompt needs refuses it (gemmatune.model.towers.require_towers) rather than
+answer without looking at the image or listening to the clip.
+
+All three run gemmatune's decode loop (gemmatune.generation.decoding: static cache, CUDA-graph
+steps, no host round trip per token), media prompts included: the images and clips go into the
+prefill, the decode steps are the text ones.
+"""
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from gemmatune.data.chat_format import format_chat
-from gemmatune.generation.decoding import generate
+from gemmatune.data.audio import MAX_AUDIO_SECONDS
+from gemmatune.data.batches import collate_prompts, example_media_kinds, prompt_examples
+from gemmatune.generation.decoding import stream_tokens
+from gemmatune.generation.sampling import check_settings
+from gemmatune.model.towers import require_towers
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -14,67 +33,154 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
-def _reply_streamer(tokenizer):
-    """transformers' TextStreamer, printing the reply as chat() returns it: no leading blank
-    lines, and no run of more than one empty line (a random or barely trained model can emit
-    hundreds of newline tokens, screens of nothing)."""
-    from transformers import TextStreamer
-
-    class ReplyStreamer(TextStreamer):
-        started, newlines = False, 0
-
-        def on_finalized_text(self, text: str, stream_end: bool = False):
-            shown = []
-            for char in text:
-                if char == "\n":
-                    self.newlines += 1
-                    continue
-                if not self.started and char.isspace():
-                    continue
-                if self.started and self.newlines:
-                    shown.append("\n" * min(self.newlines, 2))
-                self.started, self.newlines = True, 0
-                shown.append(char)
-            print("".join(shown), flush=True, end="\n" if stream_end else "")
-
-    return ReplyStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-
-def _as_messages(prompt) -> list[dict]:
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
 def _pad_token_id(tokenizer) -> int:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     pad = tokenizer.pad_token_id
     return pad if pad is not None else stop_token_ids(tokenizer)[0]
 
 
-def chat(model, tokenizer, messages, max_new_tokens: int = 128, stream: bool = True,
-         temperature: float = 0.0, top_p: float = 0.95, top_k: int = 64, seed: int = 0) -> str:
-    """Reply to `messages` in Gemma 4's chat format, streaming the words as they come.
+def checked_prompts(model, tokenizer, prompts: list, what: str, max_soft_tokens: int = 280,
+                    max_audio_seconds: float = MAX_AUDIO_SECONDS, mel_bins: int | None = None) -> list[dict]:
+    """Every prompt as an example (data.batches.prompt_examples: read, media checked and counted,
+    nothing decoded yet), refused with MissingTowerError if the model lacks a tower they need."""
+    examples = prompt_examples(tokenizer, prompts, max_soft_tokens, max_audio_seconds, mel_bins)
+    require_towers(model, example_media_kinds(examples), what)
+    return examples
+
+
+def _token_stream(model, tokenizer, examples: list[dict], settings: dict) -> Iterator:
+    """stream_tokens for some prompt examples, left-padded together."""
+    inputs = collate_prompts(examples, _pad_token_id(tokenizer))
+    return stream_tokens(model, inputs.pop("input_ids"), inputs.pop("attention_mask"), **settings, **inputs,
+                         stop_token_ids=stop_token_ids(tokenizer), pad_token_id=_pad_token_id(tokenizer))
+
+
+def stream_reply(model, tokenizer, messages, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 0.95, top_k: int = 64, seed: int = 0, max_soft_tokens: int = 280,
+                 max_audio_seconds: float = MAX_AUDIO_SECONDS, mel_bins: int | None = None) -> Iterator[str]:
+    """The reply to `messages`, as pieces of text while it is generated: for a web app or a UI.
+
+        for piece in gemmatune.generation.stream_reply(model, tokenizer, "Convert 5 km to miles."):
+            send(piece)
+
+    A piece comes each time the host reads new tokens (every token on a CPU, every few on a GPU)
+    and holds what they add to the text, never half a character. The prompt is read and checked
+    when stream_reply is called; the generation runs as the pieces are read, and stops when the
+    iterator is closed (or dropped) before the end. One reply at a time per model: read one to the
+    end or close() it before starting another (a reader that may stop early, e.g. on a client's
+    disconnect, wraps it in contextlib.closing).
 
     Args:
-        model, tokenizer: what load_model / add_lora / train / load_adapter returned.
-        messages: a string (one user turn) or a list of {"role", "content"} messages.
-        max_new_tokens: the longest reply. stream: print the reply as it is generated.
+        model, tokenizer: as for chat. messages, max_new_tokens, temperature, top_p, top_k, seed,
+            max_soft_tokens, max_audio_seconds, mel_bins: as for chat.
+
+    Returns:
+        An iterator of strings; joined, they are the reply (chat returns them joined and stripped),
+        with no leading whitespace and no special tokens.
+
+    Raises:
+        ValueError: a setting check_settings refuses (naming the value), a prompt that cannot be read.
+        MissingTowerError: images or audio for a model loaded without that tower.
+    """
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    check_settings(max_new_tokens, temperature, top_k, top_p)
+    examples = checked_prompts(model, tokenizer, [messages], "the prompt", max_soft_tokens, max_audio_seconds,
+                               mel_bins)
+    return _text_pieces(_token_stream(model, tokenizer, examples, settings), getattr(tokenizer, "tokenizer", tokenizer))
+
+
+def _text_pieces(token_chunks: Iterator, tokenizer) -> Iterator[str]:
+    """New text as tokens come: the decoded reply so far, less what was already given. Text that
+    ends in an incomplete character (a byte-level token cut mid-character decodes to U+FFFD) waits
+    for the next tokens."""
+    tokens, given = [], ""
+    try:
+        for chunk in token_chunks:
+            tokens += chunk[0].tolist()
+            text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+            if text.startswith(given) and not text.endswith("\ufffd") and len(text) > len(given):
+                yield text[len(given):]
+                given = text
+        text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        if text.startswith(given) and len(text) > len(given):
+            yield text[len(given):]
+    finally:
+        token_chunks.close()  # a reader that stopped early stops the generation now
+
+
+class _ReplyPrinter:
+    """Prints a reply's pieces as they come: no leading blank lines, and no run of more than one
+    empty line (a random or barely trained model can emit hundreds of newlines, screens of nothing)."""
+
+    def __init__(self):
+        self.started, self.newlines = False, 0
+
+    def __call__(self, text: str) -> None:
+        shown = []
+        for char in text:
+            if char == "\n":
+                self.newlines += 1
+                continue
+            if not self.started and char.isspace():
+                continue
+            if self.started and self.newlines:
+                shown.append("\n" * min(self.newlines, 2))
+            self.started, self.newlines = True, 0
+            shown.append(char)
+        print("".join(shown), flush=True, end="")
+
+    def end(self) -> None:
+        print(flush=True)
+
+
+def chat(model, tokenizer, messages, max_new_tokens: int = 128, stream: bool = True,
+         temperature: float = 0.0, top_p: float = 0.95, top_k: int = 64, seed: int = 0,
+         max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS, mel_bins: int | None = None) -> str:
+    """Reply to `messages` in Gemma 4's chat format, printing the words as they come.
+
+        gemmatune.chat(model, tokenizer, [{"role": "user", "content": [
+            {"type": "image", "image": "formula.png"}, {"type": "text", "text": "Write the LaTeX."}]}])
+
+    Args:
+        model, tokenizer: what load_model / add_lora / train / load_adapter returned; for images
+            or audio, a model loaded with modalities=("text", "image") / ("text", "audio").
+        messages: a string (one user turn), or the turns in any schema prepare_dataset reads:
+            {"role", "content"} or ShareGPT {"from": "human"|"gpt", "value"}; content a string or a
+            list of {"type": "text"|"image"|"audio", ...} parts (images as PIL, path or bytes; audio
+            as path, bytes or array with "sampling_rate"), or a row with "messages"/"conversations".
+        max_new_tokens: the longest reply. stream: print the reply as it is generated
+            (stream_reply gives the pieces to your own code instead).
         temperature: 0 decodes greedily (repeatable before/after comparisons); otherwise the reply
-            is sampled from the top_k tokens within top_p probability, seeded by `seed`.
+            is sampled from the top_k tokens (0: all) within top_p probability, seeded by `seed`.
+        max_soft_tokens, max_audio_seconds, mel_bins: as given to prepare_dataset, so that an image
+            or a clip becomes the tokens the model was trained on.
 
     Returns:
         The reply text, without special tokens.
+
+    Raises:
+        ValueError: max_new_tokens < 0, temperature < 0, top_k < 0, top_p outside (0, 1] (naming the
+            value); a prompt that cannot be read (DatasetFormatError).
+        MissingTowerError: images or audio for a model loaded without that tower, before any token.
     """
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    prompt = format_chat(_as_messages(messages), add_generation_prompt=True)
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    streamer = _reply_streamer(tokenizer) if stream else None
-    reply = generate(model, input_ids, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids(tokenizer),
-                     pad_token_id=_pad_token_id(tokenizer), streamer=streamer, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seed)
-    return tokenizer.decode(reply[0], skip_special_tokens=True).strip()
+    pieces = stream_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, top_k=top_k, seed=seed, max_soft_tokens=max_soft_tokens,
+                          max_audio_seconds=max_audio_seconds, mel_bins=mel_bins)
+    show = _ReplyPrinter() if stream else None
+    reply = []
+    with contextlib.closing(pieces):  # Ctrl-C while printing must not leave the model mid-generation
+        for piece in pieces:
+            reply.append(piece)
+            if show is not None:
+                show(piece)
+    if show is not None:
+        show.end()
+    return "".join(reply).strip()
 
 
 def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of token lists, padded on the left to the longest."""
+    """(input_ids, attention_mask) of token id lists, padded on the left to the longest: prompts
+    for decoding.generate given as ids (the benchmarks' and tests' random prompts)."""
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -86,37 +192,46 @@ def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
 
 
 def generate_replies(model, tokenizer, prompts, max_new_tokens: int = 128, batch_size: int = 8,
-                     temperature: float = 0.0, top_p: float = 0.95, top_k: int = 64, seed: int = 0) -> list[str]:
+                     temperature: float = 0.0, top_p: float = 0.95, top_k: int = 64, seed: int = 0,
+                     max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS,
+                     mel_bins: int | None = None) -> list[str]:
     """The replies to many prompts, in their order, for evaluation.
 
     Args:
         model, tokenizer: as for chat.
-        prompts: strings or message lists.
-        max_new_tokens: the longest reply. batch_size: prompts decoded together (left-padded;
-            prompts of similar length are batched together to pad less).
+        prompts: a list of prompts, each as chat's `messages` (text, images, audio).
+        max_new_tokens: the longest reply. batch_size: prompts decoded together (left-padded, each
+            row's images and clips in its own placeholders; prompts of similar length are batched
+            together to pad less).
         temperature, top_p, top_k, seed: as for chat (greedy by default, so a reply does not depend
             on the others in its batch beyond floating-point rounding).
+        max_soft_tokens, max_audio_seconds, mel_bins: as for chat.
 
     Returns:
         A list of reply strings.
 
     Raises:
-        ValueError: batch_size below 1.
+        ValueError: batch_size below 1, a setting chat refuses, a prompt that cannot be read
+            (naming it, counted from 1).
+        MissingTowerError: images or audio for a model loaded without that tower, before any token.
     """
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    rows = [tokenizer(format_chat(_as_messages(p), add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-            for p in prompts]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    replies: list[str | None] = [None] * len(rows)
-    pad = _pad_token_id(tokenizer)
+    check_settings(max_new_tokens, temperature, top_k, top_p)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: prompts decoded together, a whole number of at least 1")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    examples = checked_prompts(model, tokenizer, prompts, "the prompts", max_soft_tokens, max_audio_seconds, mel_bins)
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    replies: list[str | None] = [None] * len(examples)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        input_ids, attention_mask = left_padded([rows[i] for i in batch], pad)
-        tokens = generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                          stop_token_ids=stop_token_ids(tokenizer), pad_token_id=pad, temperature=temperature,
-                          top_k=top_k, top_p=top_p, seed=seed + start)
-        for i, reply in zip(batch, tokens):
-            replies[i] = tokenizer.decode(reply, skip_special_tokens=True).strip()
+        settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        seed=seed + start)
+        with contextlib.closing(_token_stream(model, tokenizer, [examples[i] for i in batch], settings)) as stream:
+            chunks = list(stream)
+        tokens = torch.cat(chunks, dim=1) if chunks else torch.zeros((len(batch), 0), dtype=torch.long)
+        for row, i in enumerate(batch):
+            replies[i] = text_tokenizer.decode(tokens[row], skip_special_tokens=True).strip()
     return replies

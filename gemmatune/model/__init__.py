@@ -6,7 +6,8 @@ and nothing global changes; only the object you pass is touched):
     loader.py                   builds the model: 4-bit NF4, only the towers asked for, the language
                                 model alone for text (checkpoint keys mapped); sets the attributes below
     ple.py                      the per-layer-embedding table in CPU memory (a HostEmbedding replaces it)
-    towers.py                   which towers are built; images and audio -> input embeddings
+    towers.py                   which towers are built; images and audio -> input embeddings; inputs
+                                with media a model has no tower for are refused (require_towers)
     patching.py                 module classes swapped for gemmatune's kernels (undone by unpatch_model)
     activation_checkpointing.py each decoder layer's checkpoint function ("offload", "on", "off")
     lora.py                     LoRA adapters (peft) on the language model, optionally the towers

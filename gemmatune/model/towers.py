@@ -14,19 +14,26 @@ pad id for the token embedding and the per-layer embeddings, and the towers' sof
 scattered into the placeholders' positions in order. Gemma 4 models that attend
 bidirectionally over images (`use_bidirectional_attention="vision"`, the larger ones) are
 refused rather than trained with the wrong mask.
+
+A model without the tower for a row's or a prompt's images or audio would read their placeholders
+as text and never see them: `require_towers` refuses such inputs before any work (train calls it
+on the dataset, generation on every prompt), naming the modality and the load_model call that
+builds the tower.
 """
 import copy
 
 import torch
 from torch import nn
 
-from gemmatune.errors import GemmatuneError
+from gemmatune.data.batches import example_media_kinds
+from gemmatune.errors import GemmatuneError, MissingTowerError
 
 # modality -> (the tower, its embedder into the language model's space) in Gemma4Model
 TOWERS = {"image": ("vision_tower", "embed_vision"), "audio": ("audio_tower", "embed_audio")}
 CONFIG_OF = {"image": "vision_config", "audio": "audio_config"}
 MEDIA_KEYS = ("pixel_values", "image_position_ids", "input_features", "input_features_mask")
 MODALITIES = ("text", "image", "audio")
+WHAT = {"image": ("images", "vision tower"), "audio": ("audio", "audio tower")}  # modality -> (media, tower)
 
 
 def check_modalities(modalities) -> tuple[str, ...]:
@@ -64,6 +71,46 @@ def towers_of(model: nn.Module) -> dict[str, nn.Module]:
     return {m: getattr(inner, names[0]) for m, names in TOWERS.items() if getattr(inner, names[0], None) is not None}
 
 
+def loaded_modalities(model: nn.Module) -> tuple[str, ...]:
+    """("text",) plus the modality of each tower this model has, in MODALITIES order."""
+    have = towers_of(model)
+    return tuple(m for m in MODALITIES if m == "text" or m in have)
+
+
+def require_towers(model: nn.Module, needed, what: str) -> None:
+    """Refuse images or audio that this model has no tower for, before any work: without the tower
+    their placeholders would be read as text and the media silently ignored.
+
+    Args:
+        model: a model from load_model (peft-wrapped or not).
+        needed: the modalities the inputs hold ("image", "audio"; "text" is always there).
+        what: the inputs, as the message names them ("the dataset", "the prompt", "prompt 3").
+
+    Raises:
+        MissingTowerError: naming the missing modality and the load_model call that builds its tower.
+    """
+    have = loaded_modalities(model)
+    missing = [m for m in MODALITIES if m in set(needed) and m not in have]
+    if not missing:
+        return
+    media = " and ".join(WHAT[m][0] for m in missing)
+    towers = " and ".join(WHAT[m][1] for m in missing)
+    def spelled(modalities) -> str:
+        return "(" + ", ".join(f'"{m}"' for m in modalities) + ("," if len(modalities) == 1 else "") + ")"
+
+    fix = spelled([m for m in MODALITIES if m in have or m in missing])
+    raise MissingTowerError(
+        f"{what} has {media}, but the model was loaded without its {towers} (modalities={spelled(have)}), so "
+        f"it could not read them and would answer or train without them. Load the model with "
+        f"gemmatune.load_model(..., modalities={fix}); an adapter trained without the tower loads onto it with "
+        "gemmatune.load_adapter.")
+
+
+def require_towers_for_examples(model: nn.Module, examples, what: str = "the dataset") -> None:
+    """require_towers for prepared rows (prepare_dataset's examples): train's check before the first step."""
+    require_towers(model, example_media_kinds(examples), what)
+
+
 def multimodal_model(model: nn.Module):
     """The Gemma4Model inside a Gemma4ForConditionalGeneration (peft-wrapped or not), or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -77,6 +124,12 @@ def is_trained(module: nn.Module | None) -> bool:
 
 def has_media(batch: dict) -> bool:
     return any(batch.get(key) is not None for key in ("pixel_values", "input_features"))
+
+
+def input_modalities(inputs: dict) -> set[str]:
+    """The media kinds a batch of model inputs holds: "image" for pixel_values, "audio" for input_features."""
+    return {kind for kind, key in (("image", "pixel_values"), ("audio", "input_features"))
+            if inputs.get(key) is not None}
 
 
 def placeholder_ids(config) -> list[int]:

@@ -24,6 +24,7 @@ from gemmatune.files import check_writable
 from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
 from gemmatune.model.adapters import save_adapter
 from gemmatune.model.memory import check_fits, choose_checkpointing
+from gemmatune.model.towers import require_towers_for_examples
 from gemmatune.training import distributed
 from gemmatune.training.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
 from gemmatune.training.config import TrainConfig, TrainResult, TrainState
@@ -75,6 +76,7 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
         TrainingSetupError: before the first step, for an empty dataset, max_steps below 1, an
             output_dir that cannot be written, a model without adapters.
         CheckpointError: resume_from is not a readable checkpoint of this model.
+        MissingTowerError: image or audio rows for a model loaded without that tower, before the first step.
         Any error during training is raised after the adapter trained so far has been saved.
     """
     config = config or TrainConfig()
@@ -92,6 +94,7 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
 
 def _train(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, device) -> TrainResult:
     check_before_training(dataset, config, writes=ranks.is_main)
+    require_towers_for_examples(model, dataset)  # images/audio the model has no tower for: refused, not ignored
     say = print if ranks.is_main else _silent
     torch.manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0

@@ -204,9 +204,9 @@ def test_a_text_only_batch_is_exactly_what_it_was(tiny_tokenizer):
     assert set(batch) == {"input_ids", "labels", "attention_mask"}
 
 
-def test_prompt_inputs_end_where_the_answer_starts(tiny_tokenizer):
+def test_prompt_batch_ends_where_the_answer_starts(tiny_tokenizer):
     messages = [{"role": "user", "content": [image_part(), {"type": "text", "text": "What is this?"}]}]
-    inputs = data_batches.prompt_inputs(tiny_tokenizer, messages, max_soft_tokens=70)
+    inputs = data_batches.prompt_batch(tiny_tokenizer, [messages], max_soft_tokens=70)
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values", "image_position_ids", "mm_token_type_ids"}
     trained = prepare([row(*messages[0]["content"])], tiny_tokenizer)[0]["input_ids"]
     assert trained[:inputs["input_ids"].shape[1]] == inputs["input_ids"][0].tolist()

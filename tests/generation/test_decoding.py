@@ -19,7 +19,7 @@ import gemmatune
 import gemmatune.generation.decoding as generation_decoding
 import gemmatune.model.patching as model_patching
 from gemmatune.generation.decoding import generate
-from gemmatune.generation.replies import _reply_streamer, left_padded, stop_token_ids
+from gemmatune.generation.replies import left_padded, stop_token_ids
 from gemmatune.kernels import nf4_gemv
 from tests.helpers import load_tiny
 
@@ -195,13 +195,15 @@ def test_images_and_audio_in_the_prompt():
 
 
 def test_streamed_text_equals_the_stock_streamers():
+    from transformers import TextStreamer
+
     model, tokenizer = varied_model()
     input_ids = torch.tensor([prompts()[1]])
     printed = []
     for run in ("stock", "gemmatune"):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            streamer = _reply_streamer(tokenizer)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             if run == "stock":
                 model.generate(input_ids=input_ids, max_new_tokens=30, eos_token_id=stop_token_ids(tokenizer),
                                pad_token_id=0, do_sample=False, streamer=streamer)
@@ -301,7 +303,7 @@ def test_streaming_a_batch_is_refused():
     model, tokenizer = varied_model()
     ids, mask = left_padded(prompts(), 0)
     with pytest.raises(ValueError, match="one prompt"):
-        generate(model, ids, mask, max_new_tokens=3, streamer=_reply_streamer(tokenizer))
+        generate(model, ids, mask, max_new_tokens=3, streamer=object())
 
 
 def test_a_model_without_the_fast_path_uses_the_stock_generate(monkeypatch):

@@ -97,7 +97,7 @@ def test_score_generates_from_the_medium_repeatably(kind):
     logits = []
     for row in rows[:2]:
         messages, _ = prompt_and_reference(row, format_row)
-        inputs = data_batches.prompt_inputs(tokenizer, messages, **media)
+        inputs = data_batches.prompt_batch(tokenizer, [messages], **media)
         with torch.no_grad():
             logits.append(model(**inputs).logits[0, -1])
     assert not torch.allclose(logits[0], logits[1])  # the prompt text is the same: the medium differs

@@ -126,14 +126,14 @@ def test_chat_returns_text_and_stops_at_turn_end(tiny_tokenizer, monkeypatch):
 
     hook = model.get_output_embeddings().register_forward_hook(force_next_token)
     chat_module = importlib.import_module("gemmatune.generation.replies")
-    generate, lengths = chat_module.generate, []
+    stream_tokens, lengths = chat_module.stream_tokens, []
 
     def spy(*args, **kwargs):
-        out = generate(*args, **kwargs)
-        lengths.append(out.shape[1])  # new tokens only
-        return out
+        chunks = list(stream_tokens(*args, **kwargs))
+        lengths.append(sum(chunk.shape[1] for chunk in chunks))  # new tokens only
+        yield from chunks
 
-    monkeypatch.setattr(chat_module, "generate", spy)
+    monkeypatch.setattr(chat_module, "stream_tokens", spy)
     reply = gemmatune.chat(model, tokenizer, "Say something.", max_new_tokens=30, stream=False)
     assert isinstance(reply, str)
     assert reply == tokenizer.decode([word, word], skip_special_tokens=True).strip()
