@@ -9,7 +9,7 @@ arithmetic and pixels as training, so generation sees what training saw.
 from gemmatune.data.audio import MAX_AUDIO_SECONDS, AudioRef, audio_features, load_audio
 from gemmatune.data.images import ImageRef, image_patches, load_image
 from gemmatune.data.media import media_run, media_settings, media_token_ids, plan_media
-from gemmatune.data.messages import turn_to_message
+from gemmatune.data.messages import prompt_messages
 from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
 
 IMAGE_TYPE, AUDIO_TYPE = 1, 3  # mm_token_type_ids values, as transformers' processors write them
@@ -100,7 +100,7 @@ def prompt_inputs(tokenizer, messages: list[dict], max_soft_tokens: int = 280, m
     input_ids ending in "<|turn>model\\n", attention_mask, and the media tensors of its parts.
     The same token arithmetic and pixels as training, so before/after answers see what training saw."""
     settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins)
-    messages = [turn_to_message(turn, i, "prompt") for i, turn in enumerate(messages)]
+    messages = prompt_messages(messages)
     media = plan_media(messages, "prompt", settings)
     ids = media_token_ids(tokenizer) if media else None
     tokens = tokenize_conversation(tokenizer, messages, 10 ** 9, media_runs=[media_run(r, ids) for r in media],
