@@ -138,35 +138,44 @@ def _message(loop: list[dict], i: int, last_user: int, enable_thinking: bool) ->
     """The pieces of one non-tool message (loop: the messages after the system turn)."""
     message = loop[i]
     role = role_name(message["role"])
-    previous, following = _neighbour_role(loop, i, -1), _neighbour_role(loop, i, +1)
     thought = _thought(message)
     keeps_thought = bool(thought) and i > last_user
-    model_kind = HISTORY if _drops_thought(message, keeps_thought) else ANSWER
-    kind = model_kind if role == "model" else PROMPT
-    continues = role == "model" and previous == "assistant"
+    kind = (HISTORY if _drops_thought(message, keeps_thought) else ANSWER) if role == "model" else PROMPT
+    continues = role == "model" and _neighbour_role(loop, i, -1) == "assistant"  # no new header
     pieces = [] if continues else [Piece(f"{TURN_START}{role}\n", PROMPT)]
-    if keeps_thought:
-        after_responses = continues and _last_block(loop[:i]) == "tool_response" and enable_thinking
-        pieces += [Piece(THOUGHT_START, PROMPT if after_responses else THOUGHT),
-                   Piece(thought + "\n" + CHANNEL_END, THOUGHT)]
-    calls = message.get("tool_calls") or []
-    pieces += [Piece(format_call(call["function"]["name"], call["function"].get("arguments")), kind) for call in calls]
+    if keeps_thought:  # after tool responses with thinking on, the generation prompt opens the thought
+        served = continues and enable_thinking and _last_block(loop[:i]) == "tool_response"
+        pieces += [Piece(THOUGHT_START, PROMPT if served else THOUGHT), Piece(thought + "\n" + CHANNEL_END, THOUGHT)]
     responses = _responses(loop, i)
+    pieces += _tool_pieces(message.get("tool_calls") or [], responses, kind)
+    content = _content(message, role, kind)
+    return pieces + content + _turn_end(message, role, kind, responses, content, _neighbour_role(loop, i, +1))
+
+
+def _tool_pieces(calls: list[dict], responses: list[tuple], kind: str) -> list[Piece]:
+    """The calls (the model's) and the responses (the caller's, but for the `<|tool_response>` the
+    model stops on after its calls)."""
+    pieces = [Piece(format_call(call["function"]["name"], call["function"].get("arguments")), kind) for call in calls]
     for n, (name, response) in enumerate(responses):
         text = format_response(name, response)
-        if n == 0 and calls:  # the model stops on <|tool_response>; the caller writes the rest
+        if n == 0 and calls:
             pieces += [Piece(RESPONSE_START, kind), Piece(text[len(RESPONSE_START):], PROMPT)]
         else:
             pieces.append(Piece(text, PROMPT))
-    content = _content(message, role, kind)
-    pieces += content
-    has_content = "".join(p.text for p in content).strip() != ""
-    if calls and not responses:  # the model stops here; the caller runs the tools
-        pieces.append(Piece(RESPONSE_START, kind))
-    elif not (role == "model" and following == "assistant" and (not calls or responses)):
-        if not (responses and not has_content and following is None):
-            pieces += [Piece(TURN_END, kind), Piece("\n", PROMPT)]
     return pieces
+
+
+def _turn_end(message: dict, role: str, kind: str, responses: list, content: list[Piece], following) -> list[Piece]:
+    """`<turn|>\n`; or `<|tool_response>` after calls that have no responses yet; or nothing when the
+    next message continues this model turn, or when it ends on tool responses awaiting the answer."""
+    calls = message.get("tool_calls")
+    if calls and not responses:
+        return [Piece(RESPONSE_START, kind)]
+    if role == "model" and following == "assistant" and (not calls or responses):
+        return []
+    if responses and not "".join(p.text for p in content).strip() and following is None:
+        return []
+    return [Piece(TURN_END, kind), Piece("\n", PROMPT)]
 
 
 def _content(message: dict, role: str, kind: str) -> list[Piece]:
