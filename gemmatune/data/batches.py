@@ -95,16 +95,20 @@ def _check_counts(mm_token_type_ids, images: list, clips: list) -> None:
 
 
 def prompt_inputs(tokenizer, messages: list[dict], max_soft_tokens: int = 280, mel_bins: int | None = None,
-                  max_audio_seconds: float = MAX_AUDIO_SECONDS) -> dict:
-    """Tensors to generate the answer to `messages` (ending with a user turn), batch of one:
-    input_ids ending in "<|turn>model\\n", attention_mask, and the media tensors of its parts.
-    The same token arithmetic and pixels as training, so before/after answers see what training saw."""
+                  max_audio_seconds: float = MAX_AUDIO_SECONDS, enable_thinking: bool | None = None,
+                  tools: list[dict] | None = None) -> dict:
+    """Tensors to generate the answer to `messages` (ending with a user turn, or with tool turns after
+    the model's calls), batch of one: input_ids ending with the generation prompt ("<|turn>model\\n"
+    after a user turn), attention_mask, and the media tensors of its parts. The same token arithmetic
+    and pixels as training, so before/after answers see what training saw. enable_thinking and tools
+    as in tokenize_conversation."""
     settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins)
     messages = prompt_messages(messages)
     media = plan_media(messages, "prompt", settings)
     ids = media_token_ids(tokenizer) if media else None
     tokens = tokenize_conversation(tokenizer, messages, 10 ** 9, media_runs=[media_run(r, ids) for r in media],
-                                   media_ids=ids, where="prompt", add_generation_prompt=True)
+                                   media_ids=ids, where="prompt", add_generation_prompt=True,
+                                   enable_thinking=enable_thinking, tools=tools)
     input_ids = tokens["input_ids"]
     example = {"input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids)}
     if media:

@@ -20,18 +20,20 @@ compare it with hand-written renderings of every shape):
   A model turn whose calls have no responses yet ends with `<|tool_response>` (where the model
   stops and the caller runs the tools), not with `<turn|>`.
 - Values inside tool blocks use Gemma 4's own syntax (gemmatune.data.tool_syntax).
+- A tool message whose content is an object (which the template cannot render) is written as that
+  object's fields, as a mapping in `tool_responses` is.
 - The generation prompt is `<|turn>model\\n`, with thinking on or off (E2B/E4B write no empty thought
   block: that is the 26B/31B template); after tool responses it is nothing, or `<|channel>thought\\n`
   with thinking on.
 
-Every text above is one rendering; `render_pieces` also says which model emits each piece, which is
-what training needs: PROMPT pieces are never trained, ANSWER and THOUGHT pieces are what the model
-generates (its calls, its answers, the `<|tool_response>` it stops on, the `<turn|>` it ends a
-turn with), HISTORY pieces are an earlier model turn shown without the thought it was generated
-with (not what the model would say there, so not trained), and media pieces are expanded to their
-soft tokens by the processor. Because a training row is the same rendering as the prompt plus the
-answer, the prompt a server builds (vLLM, llama.cpp and Ollama render this template) is exactly
-the untrained start of the training row.
+`render_pieces` also says who writes each piece, which is what training needs: PROMPT pieces are
+never trained; ANSWER and THOUGHT pieces are what the model generates (its calls, its answers, the
+`<|tool_response>` it stops on, the `<turn|>` it ends a turn with); HISTORY pieces are an earlier
+model turn shown without the thought it was generated with (not what the model would say there, so
+not trained); media pieces are expanded to their soft tokens by the processor. A training row is the
+rendering of the prompt followed by the answer, so the prompt a server builds (vLLM and llama.cpp
+render the checkpoint's template, Ollama a renderer tested against it) is token for token the start
+of the row, and the row trains only what the model wrote.
 """
 from dataclasses import dataclass
 
