@@ -85,18 +85,11 @@ def _ceilings(record, dev, cuda):
 
 def _bench_qk_norm_rope(record, dev, dtype, cuda, tokens, shapes):
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-    from transformers.models.gemma4.modeling_gemma4 import (
-        Gemma4RMSNorm,
-        Gemma4TextRotaryEmbedding,
-        apply_rotary_pos_emb,
-    )
+    from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextRotaryEmbedding,
+                                                            apply_rotary_pos_emb)
 
-    from gemmatune.kernels.qk_norm_rope import (
-        qk_norm_rope,
-        qk_norm_rope_backward,
-        qk_norm_rope_forward,
-        qk_norm_rope_reference,
-    )
+    from gemmatune.kernels.qk_norm_rope import (qk_norm_rope, qk_norm_rope_backward, qk_norm_rope_forward,
+                                                qk_norm_rope_reference)
 
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
@@ -178,11 +171,8 @@ def _bench_qk_pair(record, dev, dtype, cuda, tokens, shapes):
     replaces, timed on the same inputs so both see the same L2 cache), two eager and two Liger
     calls."""
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-    from transformers.models.gemma4.modeling_gemma4 import (
-        Gemma4RMSNorm,
-        Gemma4TextRotaryEmbedding,
-        apply_rotary_pos_emb,
-    )
+    from transformers.models.gemma4.modeling_gemma4 import (Gemma4RMSNorm, Gemma4TextRotaryEmbedding,
+                                                            apply_rotary_pos_emb)
 
     from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair, qk_norm_rope_reference
 

@@ -8,7 +8,10 @@ a friendly assistant that answers briefly and ends with a relevant emoji — so 
 loss falls fast on the repeated shapes, and a real Gemma visibly adopts the style after a short run.
 The tasks are small and checkable (unit conversions, arithmetic with the steps, word reversal,
 capitals, translations of common phrases, definitions, polite rewrites, haiku); the templated
-answers are computed here, so they are correct by construction.
+answers are computed here, so they are correct by construction. A few rows think before they
+answer (the thought in `reasoning_content`, or inline as Gemma 4 writes it) and a few call tools
+(the OpenAI function-calling shape: a `tools` column, `tool_calls`, `role: "tool"` turns), so the
+notebooks can show how Gemma 4 trains those.
 
 Deterministic (seeded): running it again reproduces the shipped file byte for byte, which
 tests/data/test_dataset.py checks.
@@ -342,8 +345,110 @@ def multi_turn() -> list[dict]:
     ]
 
 
+# ---------------------------------------------------------------- thinking first
+def time_after(rng: random.Random) -> dict:
+    h, m, dh, dm = rng.randint(6, 15), rng.choice([5, 20, 35, 50]), rng.randint(1, 3), rng.choice([15, 25, 40, 55])
+    mid, end = (h + dh) * 60 + m, (h + dh) * 60 + m + dm
+    clock = lambda t: f"{t // 60:02d}:{t % 60:02d}"  # noqa: E731
+    thought = f"Start {clock(h * 60 + m)}. Add {dh} h: {clock(mid)}. Add {dm} min: {clock(end)}."
+    return {"messages": [
+        {"role": "user", "content": f"A train leaves at {clock(h * 60 + m)} and the trip takes {dh} h {dm} min. "
+                                    "When does it arrive?"},
+        {"role": "assistant", "reasoning_content": thought, "content": f"It arrives at {clock(end)}. 🚆"}]}
+
+
+def shopping(rng: random.Random, inline: bool) -> dict:
+    (a, pa), (b, pb) = rng.sample([("apples", 0.4), ("pears", 0.55), ("lemons", 0.3), ("plums", 0.25)], 2)
+    na, nb = rng.randint(2, 6), rng.randint(2, 6)
+    total = na * pa + nb * pb
+    thought = f"{na} {a}: {na} × {num(pa)} = {num(na * pa)}. {nb} {b}: {nb} × {num(pb)} = {num(nb * pb)}. " \
+              f"Sum: {num(total)}."
+    answer = f"That is €{total:.2f} in total. 🛒"
+    content = f"<|channel>thought\n{thought}\n<channel|>{answer}" if inline else answer
+    reply = {"role": "assistant", "content": content} if inline else \
+        {"role": "assistant", "reasoning_content": thought, "content": answer}
+    return {"messages": [{"role": "user", "content": f"{a.capitalize()} cost €{pa:.2f} and {b} €{pb:.2f} each. "
+                                                     f"What do {na} {a} and {nb} {b} cost?"}, reply]}
+
+
+def larger_fraction(rng: random.Random) -> dict:
+    (p, q), (r, s) = rng.sample([(3, 4), (5, 8), (2, 3), (7, 10), (4, 5), (5, 6)], 2)
+    d = q * s
+    bigger = f"{p}/{q}" if p * s > r * q else f"{r}/{s}"
+    thought = f"Common denominator {d}: {p}/{q} = {p * s}/{d}, {r}/{s} = {r * q}/{d}. Compare {p * s} and {r * q}."
+    return {"messages": [{"role": "user", "content": f"Which is larger, {p}/{q} or {r}/{s}?"},
+                         {"role": "assistant", "reasoning_content": thought, "content": f"{bigger} is larger. 🍕"}]}
+
+
+def thinking_rows(rng: random.Random) -> list[dict]:
+    rows = [time_after(rng) for _ in range(4)] + [larger_fraction(rng) for _ in range(4)]
+    rows += [shopping(rng, inline=i % 2 == 1) for i in range(4)]
+    return rows
+
+
+# ---------------------------------------------------------------- calling tools
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "convert_units", "description": "Convert a value from one unit to another.",
+        "parameters": {"type": "object", "properties": {
+            "value": {"type": "number", "description": "The amount to convert."},
+            "from_unit": {"type": "string"}, "to_unit": {"type": "string"}},
+            "required": ["value", "from_unit", "to_unit"]}}},
+    {"type": "function", "function": {
+        "name": "get_capital", "description": "The capital city of a country.",
+        "parameters": {"type": "object", "properties": {"country": {"type": "string"}}, "required": ["country"]}}},
+]
+
+
+def call(call_id: str, name: str, arguments: dict, as_json: bool) -> dict:
+    """An OpenAI tool call; real datasets store the arguments as a JSON string or as an object."""
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(arguments) if as_json else arguments}}
+
+
+def convert_with_tool(rng: random.Random, index: int) -> dict:
+    a, b, fn, rule, emoji = CONVERSIONS[rng.randrange(len(CONVERSIONS))]
+    v = rng.choice([3, 7, 12, 42, 90])
+    result = num(fn(v))
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"Use the converter: what is {v} {a} in {b}?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            call(f"call_{index}", "convert_units", {"value": v, "from_unit": a, "to_unit": b}, index % 2 == 0)]},
+        {"role": "tool", "tool_call_id": f"call_{index}", "content": result},
+        {"role": "assistant", "content": f"{v} {a} is {result} {b}. {emoji}"}]}
+
+
+def capitals_with_tool(rng: random.Random, index: int) -> dict:
+    (c1, cap1, f1), (c2, cap2, f2) = rng.sample(CAPITALS, 2)
+    return {"tools": TOOLS, "messages": [
+        {"role": "user", "content": f"Look up the capitals of {c1} and {c2}."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            call(f"call_{index}a", "get_capital", {"country": c1}, False),
+            call(f"call_{index}b", "get_capital", {"country": c2}, False)]},
+        {"role": "tool", "tool_call_id": f"call_{index}a", "content": cap1},
+        {"role": "tool", "tool_call_id": f"call_{index}b", "content": cap2},
+        {"role": "assistant", "content": f"The capital of {c1} is {cap1} {f1} and of {c2}, {cap2} {f2}."}]}
+
+
+def capital_thinking_with_tool(rng: random.Random) -> dict:
+    country, capital, flag = rng.choice(CAPITALS)
+    return {"tools": TOOLS, "messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Check with your tool: what is the capital of {country}?"},
+        {"role": "assistant", "reasoning_content": "The user wants the tool used, so I call get_capital.",
+         "content": "", "tool_calls": [call("call_t", "get_capital", {"country": country}, True)]},
+        {"role": "tool", "tool_call_id": "call_t", "content": capital},
+        {"role": "assistant", "content": f"The tool says the capital of {country} is {capital}. {flag}"}]}
+
+
+def tool_rows(rng: random.Random) -> list[dict]:
+    rows = [convert_with_tool(rng, i) for i in range(6)] + [capitals_with_tool(rng, i) for i in range(3)]
+    return rows + [capital_thinking_with_tool(rng) for _ in range(2)]
+
+
 def build_rows(seed: int = SEED) -> list[dict]:
-    """All rows, shuffled with a fixed seed so any prefix mixes every task."""
+    """All rows, shuffled with a fixed seed so any prefix mixes every task; the thinking and tool
+    rows are spread over the file after its first 30 rows."""
     rng = random.Random(seed)
     rows = conversions(rng, 42) + arithmetic(rng, 48)
     rows += [reversal(rng, w) for w in WORDS]
@@ -372,6 +477,11 @@ def build_rows(seed: int = SEED) -> list[dict]:
     for row in rng.sample(rows, 12):
         row["messages"].insert(0, {"role": "system", "content": SYSTEM})
     rng.shuffle(rows)
+    extra = random.Random(seed + 1)
+    shaped = thinking_rows(extra) + tool_rows(extra)
+    extra.shuffle(shaped)
+    for i, row in enumerate(shaped):
+        rows.insert(30 + 13 * i, row)
     return rows
 
 

@@ -175,9 +175,7 @@ def _fit_length(samples: np.ndarray, ref: AudioRef) -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def _feature_extractor(mel_bins: int):
-    from transformers.models.gemma4.feature_extraction_gemma4 import (
-        Gemma4AudioFeatureExtractor,
-    )
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
     return Gemma4AudioFeatureExtractor(feature_size=mel_bins)
 

@@ -19,9 +19,8 @@ training row up to where its answer starts (tests/data/test_media_rows.py checks
 from gemmatune.data.audio import MAX_AUDIO_SECONDS, AudioRef, audio_features, load_audio
 from gemmatune.data.images import ImageRef, image_patches, load_image
 from gemmatune.data.media import MediaSettings, media_run, media_settings, media_token_ids, plan_media
-from gemmatune.data.messages import MEDIA_KINDS, attach_row_media, has_media, turn_to_message
+from gemmatune.data.messages import MEDIA_KINDS, has_media, prompt_messages
 from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
-from gemmatune.errors import DatasetFormatError
 
 IMAGE_TYPE, AUDIO_TYPE = 1, 3  # mm_token_type_ids values, as transformers' processors write them
 
@@ -111,7 +110,9 @@ def _check_counts(mm_token_type_ids, images: list, clips: list) -> None:
 
 def conversation_tokens(tokenizer, messages: list[dict], settings: MediaSettings, where: str = "row",
                         max_seq_length: int | None = None, train_on_inputs: bool = False,
-                        segment_cache: dict | None = None, add_generation_prompt: bool = False) -> dict:
+                        segment_cache: dict | None = None, add_generation_prompt: bool = False,
+                        enable_thinking: bool | None = None, tools: list[dict] | None = None,
+                        mask_thought: bool = False) -> dict:
     """The one place messages become tokens, for a training row and for a prompt alike.
 
     Each image or audio part is checked and counted (plan_media), its placeholder run laid out
@@ -125,6 +126,8 @@ def conversation_tokens(tokenizer, messages: list[dict], settings: MediaSettings
         max_seq_length: cut to this many tokens (None: no cut, as for a prompt).
         train_on_inputs, segment_cache: as for tokenize_conversation.
         add_generation_prompt: end where the model's answer starts (a prompt), untrained.
+        enable_thinking, tools, mask_thought: as for tokenize_conversation (thinking, tool
+            declarations, the thought left untrained).
 
     Returns:
         tokenize_conversation's dict (input_ids, labels, truncated, length, media_kept, cuts_media)
@@ -139,7 +142,8 @@ def conversation_tokens(tokenizer, messages: list[dict], settings: MediaSettings
     runs = [media_run(ref, ids) for ref in media] if media else None
     tokens = tokenize_conversation(tokenizer, messages, max_seq_length or 10 ** 9, train_on_inputs=train_on_inputs,
                                    segment_cache=segment_cache, media_runs=runs, media_ids=ids, where=where,
-                                   add_generation_prompt=add_generation_prompt)
+                                   add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                                   tools=tools, mask_thought=mask_thought)
     return {**tokens, "media": media, "media_ids": ids}
 
 
@@ -151,29 +155,6 @@ def as_example(tokens: dict) -> dict:
     if kept:
         example.update(media=kept, media_ids=tokens["media_ids"])
     return example
-
-
-def prompt_messages(prompt, where: str = "the prompt") -> list[dict]:
-    """A prompt in any form chat takes -> messages, with roles mapped as for training ("human" ->
-    "user", "gpt" -> "assistant"): a string (one user turn), one turn, a list of turns with
-    role/content or from/value keys, or a row with "messages" or "conversations" (and TRL-style
-    "images"/"audios" columns for parts that carry no medium). Content may list text, image and
-    audio parts (PIL images, paths, bytes, arrays), as in a training row."""
-    if isinstance(prompt, str):
-        turns = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, dict) and ("role" in prompt or "from" in prompt):
-        turns = [prompt]
-    elif isinstance(prompt, dict):
-        turns = prompt.get("messages") if prompt.get("messages") is not None else prompt.get("conversations")
-    else:
-        turns = prompt
-    if not isinstance(turns, (list, tuple)) or not turns:
-        raise DatasetFormatError(
-            f"{where}: got {type(prompt).__name__} {str(prompt)[:60]!r}; pass a string, a list of messages "
-            "({'role': 'user', 'content': ...} or {'from': 'human', 'value': ...}), or a row with 'messages' or "
-            "'conversations'", "bad prompt")
-    messages = [turn_to_message(turn, i, where) for i, turn in enumerate(turns)]
-    return attach_row_media(messages, prompt, where)
 
 
 def media_kinds(conversations) -> set[str]:
@@ -190,9 +171,11 @@ def example_media_kinds(examples) -> set[str]:
 
 
 def prompt_examples(tokenizer, prompts: list, max_soft_tokens: int = 280,
-                    max_audio_seconds: float = MAX_AUDIO_SECONDS, mel_bins: int | None = None) -> list[dict]:
+                    max_audio_seconds: float = MAX_AUDIO_SECONDS, mel_bins: int | None = None,
+                    enable_thinking: bool = False, tools: list[dict] | None = None) -> list[dict]:
     """Each prompt as an example to collate: conversation_tokens(..., add_generation_prompt=True) of
-    prompt_messages(prompt). Images and clips are checked and counted here, decoded by collate."""
+    prompt_messages(prompt). Images and clips are checked and counted here, decoded by collate.
+    enable_thinking and tools (declarations in the system turn) as for tokenize_conversation."""
     if isinstance(prompts, (str, dict)) or not len(prompts):
         raise ValueError("expected a non-empty list of prompts: wrap a single one as [prompt]")
     settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins)
@@ -200,7 +183,7 @@ def prompt_examples(tokenizer, prompts: list, max_soft_tokens: int = 280,
     for i, prompt in enumerate(prompts, start=1):
         where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
         tokens = conversation_tokens(tokenizer, prompt_messages(prompt, where), settings, where, segment_cache=cache,
-                                     add_generation_prompt=True)
+                                     add_generation_prompt=True, enable_thinking=enable_thinking, tools=tools)
         examples.append(as_example(tokens))
     return examples
 
@@ -213,7 +196,8 @@ def collate_prompts(examples: list[dict], pad_token_id: int = 0) -> dict:
 
 
 def prompt_batch(tokenizer, prompts: list, max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS,
-                 mel_bins: int | None = None, pad_token_id: int | None = None) -> dict:
+                 mel_bins: int | None = None, pad_token_id: int | None = None, enable_thinking: bool = False,
+                 tools: list[dict] | None = None) -> dict:
     """Left-padded tensors to generate the answers to `prompts`, built as training rows are.
 
     Each prompt goes through conversation_tokens(..., add_generation_prompt=True) (prompt_examples)
@@ -227,6 +211,7 @@ def prompt_batch(tokenizer, prompts: list, max_soft_tokens: int = 280, max_audio
             in OpenAI or ShareGPT keys with text/image/audio parts, or a row).
         max_soft_tokens, max_audio_seconds, mel_bins: as given to prepare_dataset.
         pad_token_id: the left padding's id (default: the tokenizer's pad id, else 0).
+        enable_thinking, tools: thinking on, and tool declarations, as for tokenize_conversation.
 
     Returns:
         {"input_ids" (B, L), each row ending with the generation prompt, "attention_mask" (0 on the
@@ -237,7 +222,8 @@ def prompt_batch(tokenizer, prompts: list, max_soft_tokens: int = 280, max_audio
         DatasetFormatError: a prompt that cannot be read (naming it, counted from 1).
         ValueError: no prompts, an unknown soft-token budget, a clip limit over 30 s.
     """
-    examples = prompt_examples(tokenizer, prompts, max_soft_tokens, max_audio_seconds, mel_bins)
+    examples = prompt_examples(tokenizer, prompts, max_soft_tokens, max_audio_seconds, mel_bins, enable_thinking,
+                               tools)
     if pad_token_id is None:
         pad_token_id = getattr(getattr(tokenizer, "tokenizer", tokenizer), "pad_token_id", None) or 0
     return collate_prompts(examples, pad_token_id)

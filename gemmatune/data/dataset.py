@@ -16,9 +16,10 @@ from pathlib import Path
 
 from gemmatune.data.audio import MAX_AUDIO_SECONDS
 from gemmatune.data.batches import as_example, conversation_tokens
+from gemmatune.data.chat_format import conversation_thinks
 from gemmatune.data.images import ImageRef
 from gemmatune.data.media import media_settings
-from gemmatune.data.messages import row_to_messages
+from gemmatune.data.messages import row_to_conversation
 from gemmatune.data.rows import numbered_rows
 from gemmatune.data.tokens import IGNORE_INDEX
 from gemmatune.errors import DatasetFormatError
@@ -33,6 +34,8 @@ class PreparedDataset:
     examples: list[dict]
     max_seq_length: int
     truncated: list[bool] = field(default_factory=list)  # per example
+    thinking: list[bool] = field(default_factory=list)  # per example: a model turn carries a thought
+    tool_use: list[bool] = field(default_factory=list)  # per example: the model calls tools
     rows_dropped_long: int = 0  # longer than max_seq_length with drop_long=True
     rows_dropped_untrained: int = 0  # no trained token left after truncation
     rows_dropped_media_cut: int = 0  # max_seq_length fell inside an image's or a clip's tokens
@@ -66,6 +69,14 @@ class PreparedDataset:
         return sum(sum(label != IGNORE_INDEX for label in ex["labels"]) for ex in self.examples)
 
     @property
+    def rows_thinking(self) -> int:
+        return sum(self.thinking)
+
+    @property
+    def rows_tool_use(self) -> int:
+        return sum(self.tool_use)
+
+    @property
     def media_counts(self) -> tuple[int, int]:
         """(images, audio clips) in the kept rows."""
         refs = [ref for ex in self.examples for ref in ex.get("media", ())]
@@ -77,6 +88,9 @@ class PreparedDataset:
         images, clips = self.media_counts
         kinds = [f"{n:,} {name}" for n, name in ((images, "images"), (clips, "audio clips")) if n]
         media = f" with {' and '.join(kinds)}" if kinds else ""
+        shapes = [f"{n:,} {name}" for n, name in ((self.rows_thinking, "with a thought"),
+                                                  (self.rows_tool_use, "calling tools")) if n]
+        media += f" ({', '.join(shapes)})" if shapes else ""
         text = (f"{self.rows:,} rows{media}, {self.total_tokens:,} tokens ({self.trained_tokens:,} trained); "
                 f"{self.rows_truncated:,} rows longer than {self.max_seq_length:,} tokens were truncated; "
                 f"{self.rows_dropped:,} dropped")
@@ -95,7 +109,8 @@ class PreparedDataset:
 def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs: bool = False,
                     drop_long: bool = False, formatting_func=None, skip_bad_rows: bool = False,
                     max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS,
-                    mel_bins: int | None = None, verify_media: bool = False) -> PreparedDataset:
+                    mel_bins: int | None = None, verify_media: bool = False,
+                    mask_thought: bool = False) -> PreparedDataset:
     """Every row through the data path: messages, media checked and counted, tokens and labels.
 
     Args:
@@ -114,6 +129,8 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
         max_audio_seconds: the longest clip accepted (at most 30 s; 25 tokens a second).
         mel_bins: the audio tower's input width (default: the tokenizer's feature extractor, else 128).
         verify_media: decode every image and clip once now, not only their headers.
+        mask_thought: no loss on the model's thoughts (`<|channel>thought ...<channel|>`), only on
+            its answers and tool calls. A row with a thought is rendered with thinking on.
 
     Returns:
         A PreparedDataset: rows of input_ids and labels (-100 outside the answers), media refs, and
@@ -135,8 +152,9 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
         try:
             if isinstance(row, DatasetFormatError):
                 raise row
-            messages = row_to_messages(row, where, formatting_func)
-            tokens = conversation_tokens(tokenizer, messages, settings, where, max_seq_length, train_on_inputs, cache)
+            messages, tools = row_to_conversation(row, where, formatting_func)
+            tokens = conversation_tokens(tokenizer, messages, settings, where, max_seq_length, train_on_inputs,
+                                         cache, tools=tools, mask_thought=mask_thought)
         except DatasetFormatError as error:
             if not skip_bad_rows:
                 raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
@@ -153,6 +171,8 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
         else:
             prepared.examples.append(as_example(tokens))
             prepared.truncated.append(tokens["truncated"])
+            prepared.thinking.append(conversation_thinks(messages))
+            prepared.tool_use.append(any(m.get("tool_calls") for m in messages))
     return prepared
 
 
@@ -167,6 +187,8 @@ def split_train_eval(prepared: PreparedDataset, eval_fraction: float = 0.05, see
                                              media_cut_length=0, rows_skipped={}, first_skipped="")
         return replace(prepared, examples=[prepared.examples[i] for i in indices],
                        truncated=[prepared.truncated[i] for i in indices],
+                       thinking=[prepared.thinking[i] for i in indices],
+                       tool_use=[prepared.tool_use[i] for i in indices],
                        **{"rows_skipped": dict(prepared.rows_skipped), **counts})
 
     return part(order[n_eval:], True), part(order[:n_eval], False)

@@ -16,12 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gemmatune.data.audio import MAX_AUDIO_SECONDS, MEL_BINS, inspect_audio, load_audio
-from gemmatune.data.images import (
-    ImageRef,
-    check_soft_token_budget,
-    inspect_image,
-    load_image,
-)
+from gemmatune.data.images import ImageRef, check_soft_token_budget, inspect_image, load_image
 from gemmatune.data.messages import MEDIA_KINDS, part_value, row_to_messages
 
 

@@ -1,95 +1,109 @@
-"""Messages (+ media runs) -> token ids and labels: the loss falls on the model's answers only.
+"""Messages (+ media runs) -> token ids and labels: the loss falls on what the model itself writes.
 
-The fourth stage of the data path. What is trained: each assistant turn's content and its closing
-`<turn|>` — the model must learn to emit `<turn|>` to stop (it is one of Gemma 4's
-end-of-generation ids). Not trained: the prompt, the `<|turn>model\n` header (the prompt already
-supplies it at generation time), the "\n" after `<turn|>` (generation stops at `<turn|>`, so that
-"\n" is never generated), and every media run (begin, soft tokens, end), even inside an answer or
-with train_on_inputs=True. Truncation never cuts through a media run: `cuts_media` tells the
-caller, which drops such a row (a run cut short would make the tower's output disagree with the
-placeholders).
+The fourth stage of the data path. A row is Gemma 4's own rendering of the conversation
+(gemmatune.data.chat_format.render_pieces), so the prompt a server builds for the same conversation
+is exactly the row's untrained start. Trained: each model turn's answer and the `<turn|>` that ends
+it (the model must learn to stop: it is one of Gemma 4's end-of-generation ids), its tool calls and
+the `<|tool_response>` it stops on after them, and its thought (`<|channel>thought\\n...<channel|>`)
+unless mask_thought=True. Not trained: the system turn (with `<|think|>` and the tool declarations),
+user turns, every `<|turn>model\\n` header (the generation prompt supplies it; after tool responses
+with thinking on, the prompt also supplies `<|channel>thought\\n`, so that is not trained either),
+the tool responses (the caller writes them), the "\\n" after `<turn|>` (generation stops at
+`<turn|>`), an earlier model turn whose thought the template leaves out (the model never wrote
+that answer without its thought), and every media run, even inside an answer or with
+train_on_inputs=True. Truncation never cuts through a media run: `cuts_media` tells the caller,
+which drops such a row (a run cut short would make the tower's output disagree with the placeholders).
 """
-from gemmatune.data.chat_format import TURN_END, TURN_START, generation_prompt, render_content, role_name
+from itertools import groupby
+
+from gemmatune.data.chat_format import ANSWER, BOS, PART_PLACEHOLDERS, THOUGHT, conversation_thinks, render_pieces
 from gemmatune.errors import DatasetFormatError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+CACHED_LENGTH = 32  # texts this short are the format's own pieces ("<|turn>model\n", "<turn|>"): tokenised once
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], max_seq_length: int,
                           train_on_inputs: bool = False, segment_cache: dict | None = None,
                           media_runs: list[list[int]] | None = None, media_ids: dict | None = None,
-                          where: str = "row", add_generation_prompt: bool = False) -> dict:
-    """dict(input_ids, labels, truncated, length, media_kept, cuts_media) for one conversation, cut
-    to max_seq_length tokens (`length`: before the cut).
+                          where: str = "row", add_generation_prompt: bool = False,
+                          enable_thinking: bool | None = None, tools: list[dict] | None = None,
+                          mask_thought: bool = False) -> dict:
+    """Token ids and labels of one conversation in Gemma 4's chat format, cut to max_seq_length.
 
-    Why segment by segment (header, content, `<turn|>`, "\\n"): the label mask then falls exactly on
-    token boundaries, and an answer's tokens start fresh after `<|turn>model\\n` as in generation
-    (for the tiny tokenizer the ids equal the whole string's; tested). Labels: see the module
-    docstring; train_on_inputs=True trains all but <bos>. A processor works too (`.tokenizer` is used).
-    segment_cache: one dict shared over rows of one tokenizer, so the fixed pieces are tokenised
-    once (prepare_dataset does this; a tokenizer call costs ~0.15 ms).
-    media_runs: the placeholder run of each image/audio part in order (multimodal_data.media_run);
-    they are never trained. `media_kept` counts the runs that fit; `cuts_media` says that
-    max_seq_length falls inside one (prepare_dataset then drops the row). With media_ids, a text
-    part that tokenises to a media token raises DatasetFormatError naming `where`.
-    add_generation_prompt: end with the generation prompt (`generation_prompt()`), untrained: the
-    prompt of a reply, the same ids as the start of a training row's answer turn.
+    Every stage takes its tokens from here: training rows, evaluation prompts and generation prompts.
+
+    Args:
+        tokenizer: the tokenizer, or a processor (its `.tokenizer` is used).
+        messages: as gemmatune.data.to_messages returns them (a thought under "reasoning_content",
+            tool calls and their responses on the model's message).
+        max_seq_length: longer rows are cut (`truncated`; `length` is the length before the cut).
+        train_on_inputs: train every token but <bos> and the media runs, not only the model's.
+        segment_cache: one dict shared over the rows of one tokenizer: the format's short pieces are
+            then tokenised once (prepare_dataset does this).
+        media_runs: the placeholder run of each image/audio part, in order (media.media_run); without
+            them a placeholder stays the one token the text has.
+        media_ids: the media token ids; a text that tokenises to one raises DatasetFormatError.
+        where: names the row in errors.
+        add_generation_prompt: end where the model's reply starts (chat_format.generation_prompt).
+        enable_thinking: `<|think|>` in the system turn. None: on when a model turn carries a thought
+            (a reasoning row trains as a thinking conversation). Pass it explicitly for prompts.
+        tools: tool declarations for the system turn (OpenAI shape, as prepare_dataset reads a row's
+            "tools" column).
+        mask_thought: no loss on the thought blocks (markers included); the answers are still trained.
+
+    Returns:
+        dict(input_ids, labels, truncated, length, media_kept, cuts_media): labels are -100 where not
+        trained; media_kept counts the media runs that fit; cuts_media says max_seq_length falls
+        inside one.
+
+    Raises:
+        DatasetFormatError: a text part that tokenises to a media token (with media_ids).
+        ValueError: a tool call whose arguments are not a mapping.
     """
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    thinking = conversation_thinks(messages) if enable_thinking is None else enable_thinking
+    pieces = render_pieces(messages, add_generation_prompt, thinking, tools)
     input_ids, labels, cache = [], [], {} if segment_cache is None else segment_cache
     media_spans, runs = [], list(media_runs or [])
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    def fixed(text: str) -> list[int]:  # the same in every row: tokenise once
-        if text not in cache:
-            cache[text] = encode(text)
-        return cache[text]
 
     def add(ids: list[int], trained: bool) -> None:
         input_ids.extend(ids)
         labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
 
-    if tokenizer.bos_token_id is not None:  # added by hand: add_special_tokens differs per tokenizer
-        add([tokenizer.bos_token_id], trained=False)
-    for message in messages:
-        answer = train_on_inputs or message["role"] in ("assistant", "model")
-        add(fixed(f"{TURN_START}{role_name(message['role'])}\n"), train_on_inputs)
-        if media_runs is None or isinstance(message["content"], str):
-            add(encode(render_content(message["content"])), answer)
-        else:
-            for ids, is_media in content_pieces(message["content"], runs, encode):
-                if is_media:
-                    media_spans.append((len(input_ids), len(input_ids) + len(ids)))
-                elif media_ids:
-                    check_no_media_tokens_in_text(ids, media_ids, where)
-                add(ids, answer and not is_media)
-        add(fixed(TURN_END), answer)
-        add(fixed("\n"), train_on_inputs)
-    if add_generation_prompt:  # where the model's answer starts: what chat() and evaluation prompt with
-        add(fixed(generation_prompt()), False)
+    if pieces[0].text == BOS:  # added by hand: add_special_tokens differs per tokenizer
+        pieces = pieces[1:]
+        if tokenizer.bos_token_id is not None:
+            add([tokenizer.bos_token_id], trained=False)
+    for kind, run in groupby(pieces, key=lambda piece: piece.kind):
+        if kind in PART_PLACEHOLDERS and media_runs is not None:
+            for _ in run:
+                ids = runs.pop(0)
+                media_spans.append((len(input_ids), len(input_ids) + len(ids)))
+                add(ids, trained=False)
+            continue
+        ids = _encode(tokenizer, "".join(piece.text for piece in run), cache)
+        if media_ids and kind not in PART_PLACEHOLDERS:
+            check_no_media_tokens_in_text(ids, media_ids, where)
+        trained = kind == ANSWER or (kind == THOUGHT and not mask_thought)
+        add(ids, (train_on_inputs or trained) and kind not in PART_PLACEHOLDERS)
     truncated = len(input_ids) > max_seq_length
     return {"input_ids": input_ids[:max_seq_length], "labels": labels[:max_seq_length], "truncated": truncated,
             "length": len(input_ids), "media_kept": sum(end <= max_seq_length for _, end in media_spans),
             "cuts_media": any(start < max_seq_length < end for start, end in media_spans)}
 
 
-def content_pieces(content: list, runs: list, encode) -> list[tuple[list[int], bool]]:
-    """(ids, is_media) pieces of one message: adjacent text parts are trimmed and joined, as the
-    chat template renders them, and tokenised together; each media part takes the next run."""
-    pieces, text = [], []
-    for part in content:
-        if part["type"] == "text":
-            text.append(part["text"].strip())
-            continue
-        if text:
-            pieces.append((encode("".join(text)), False))
-            text = []
-        pieces.append((runs.pop(0), True))
-    if text:
-        pieces.append((encode("".join(text)), False))
-    return pieces
+def _encode(tokenizer, text: str, cache: dict) -> list[int]:
+    """The ids of one stretch of text, tokenised as a whole (special tokens split it as in the full
+    string). A stretch starts fresh where its writer changes: the model's answer after the prompt's
+    `<|turn>model\\n` is tokenised as generation produces it."""
+    if not text:
+        return []
+    if len(text) > CACHED_LENGTH:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if text not in cache:
+        cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return cache[text]
 
 
 def check_no_media_tokens_in_text(ids: list[int], media_ids: dict, where: str) -> None:

@@ -8,17 +8,10 @@
     evaluate.py   score(): generate answers for held-out rows and compare them with the references
 """
 from gemmatune.generation.decoding import generate, stream_tokens
-from gemmatune.generation.evaluate import (
-                                           Scores,
-                                           character_error_rate,
-                                           exact_match,
-                                           image_table,
-                                           score,
-                                           shorten,
-                                           word_error_rate,
-)
-from gemmatune.generation.replies import chat, generate_replies, stream_reply
+from gemmatune.generation.evaluate import (Scores, character_error_rate, exact_match, image_table, score, shorten,
+                                           word_error_rate)
+from gemmatune.generation.replies import Reply, chat, generate_replies, stream_reply
 from gemmatune.generation.sampling import check_settings
 
-__all__ = ["Scores", "character_error_rate", "chat", "check_settings", "exact_match", "generate", "generate_replies",
-           "image_table", "score", "shorten", "stream_reply", "stream_tokens", "word_error_rate"]
+__all__ = ["Reply", "Scores", "character_error_rate", "chat", "check_settings", "exact_match", "generate",
+           "generate_replies", "image_table", "score", "shorten", "stream_reply", "stream_tokens", "word_error_rate"]

@@ -20,8 +20,8 @@ import re
 import string
 from dataclasses import dataclass, field
 
-from gemmatune.data.batches import media_kinds, prompt_messages
-from gemmatune.data.messages import to_messages
+from gemmatune.data.batches import media_kinds
+from gemmatune.data.messages import prompt_messages, to_messages
 from gemmatune.data.rows import keep_media_encoded
 from gemmatune.generation.replies import generate_replies
 from gemmatune.model.towers import require_towers

@@ -279,9 +279,7 @@ def audio_feature_extractor(config):
     """transformers' Gemma 4 audio feature extractor (numpy only) for this model's audio tower.
     The tower fixes the mel-bin count: its first convolution's channel count is also the input
     width its projection is built for (Gemma4AudioSubSampleConvProjection)."""
-    from transformers.models.gemma4.feature_extraction_gemma4 import (
-        Gemma4AudioFeatureExtractor,
-    )
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
     return Gemma4AudioFeatureExtractor(feature_size=config.audio_config.subsampling_conv_channels[0])
 

@@ -45,10 +45,7 @@ from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
 from gemmatune.kernels._backend import kernels_enabled
-from gemmatune.kernels.decode_attention import (
-    decode_attention_forward,
-    decode_attention_supported,
-)
+from gemmatune.kernels.decode_attention import decode_attention_forward, decode_attention_supported
 from gemmatune.kernels.geglu import geglu
 from gemmatune.kernels.lora_nf4_linear import lora_nf4_linear, nf4_linear
 from gemmatune.kernels.nf4_gemv import gemv_supported, nf4_gemv
@@ -56,12 +53,8 @@ from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair
 from gemmatune.kernels.rms_norm import rms_norm
 from gemmatune.model import towers
 from gemmatune.model.activation_checkpointing import CheckpointedAudioLayer
-from gemmatune.model.attention import (
-    attention_math,
-    flash_window_available,
-    sliding_window_attention,
-    use_math_attention,
-)
+from gemmatune.model.attention import (attention_math, flash_window_available, sliding_window_attention,
+                                       use_math_attention)
 
 FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # headroom so the next add stays finite
 

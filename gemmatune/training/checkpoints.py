@@ -17,13 +17,8 @@ import torch
 
 from gemmatune.errors import CheckpointError
 from gemmatune.files import publish, staging_dir
-from gemmatune.model.adapters import (
-    ADAPTER_FILE,
-    check_adapter_keys,
-    read_adapter_weights,
-    to_model_names,
-    write_adapter,
-)
+from gemmatune.model.adapters import (ADAPTER_FILE, check_adapter_keys, read_adapter_weights, to_model_names,
+                                      write_adapter)
 from gemmatune.training.config import TrainState
 
 STATE_JSON = "trainer_state.json"

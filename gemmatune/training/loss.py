@@ -18,11 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemmatune.kernels.fused_linear_ce import (
-    fused_linear_cross_entropy,
-    fused_linear_logprobs,
-    fused_linear_logprobs_reference,
-)
+from gemmatune.kernels.fused_linear_ce import (fused_linear_cross_entropy, fused_linear_logprobs,
+                                               fused_linear_logprobs_reference)
 from gemmatune.model import towers
 from gemmatune.model.patching import builds_own_masks
 

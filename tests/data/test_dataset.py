@@ -150,13 +150,22 @@ def test_max_seq_length_below_two_tokens_is_refused(tokenizer, length):
 
 
 # ------------------------------------------------------------------ chat rendering
+def conversations(bundled_rows) -> list[tuple[list[dict], dict]]:
+    """(messages, format keywords) of CONVERSATION's slices and every bundled row: its tools, and
+    thinking on when it carries a thought (as prepare_dataset renders it)."""
+    found = [(CONVERSATION, {}), (CONVERSATION[1:3], {}), (CONVERSATION[:2], {})]
+    for row in bundled_rows:
+        messages = data_messages.to_messages(row)
+        found.append((messages, {"tools": data_messages.row_tools(row),
+                                 "enable_thinking": data_chat_format.conversation_thinks(messages)}))
+    return found
+
+
 @pytest.mark.parametrize("generation", [False, True])
 def test_format_chat_matches_the_tokenizer_chat_template(tokenizer, bundled_rows, generation):
-    conversations = [CONVERSATION, CONVERSATION[1:3], CONVERSATION[:2]]
-    conversations += [data_messages.to_messages(row) for row in bundled_rows]
-    for messages in conversations:
-        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-        assert data_chat_format.format_chat(messages, add_generation_prompt=generation) == expected
+    for messages, keywords in conversations(bundled_rows):
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **keywords)
+        assert data_chat_format.format_chat(messages, add_generation_prompt=generation, **keywords) == expected
 
 
 def test_format_chat_shape():
@@ -186,10 +195,10 @@ def test_train_on_inputs_trains_everything_but_bos(tokenizer):
 
 def test_segment_ids_equal_the_ids_of_the_rendered_string(tokenizer, bundled_rows):
     """The label mask is built segment by segment; the model at inference sees the whole string."""
-    for row in bundled_rows + [{"messages": CONVERSATION}]:
-        messages = data_messages.to_messages(row)
-        ids = data_tokens.tokenize_conversation(tokenizer, messages, 4096)["input_ids"]
-        assert ids == tokenizer(data_chat_format.format_chat(messages), add_special_tokens=False)["input_ids"]
+    for messages, keywords in conversations(bundled_rows):
+        ids = data_tokens.tokenize_conversation(tokenizer, messages, 4096, tools=keywords.get("tools"))["input_ids"]
+        text = data_chat_format.format_chat(messages, **keywords)
+        assert ids == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_truncation(tokenizer):

@@ -5,14 +5,8 @@ import random
 import pytest
 
 import gemmatune.data.messages as data_messages
-from gemmatune.generation.evaluate import (
-    character_error_rate,
-    edit_distance,
-    exact_match,
-    normalize_words,
-    prompt_and_reference,
-    word_error_rate,
-)
+from gemmatune.generation.evaluate import (character_error_rate, edit_distance, exact_match, normalize_words,
+                                           prompt_and_reference, word_error_rate)
 
 
 def reference_distance(a, b) -> int:

@@ -84,16 +84,8 @@ def _launch_every_kernel(dtype):
     fake CUDA tensors (no memory, no GPU), so the wrappers pick their GPU launch settings."""
     import bitsandbytes.functional as bnbF
 
-    from gemmatune.kernels import (
-        decode_attention,
-        fused_linear_ce,
-        geglu,
-        nf4,
-        nf4_gemv,
-        qk_norm_rope,
-        rms_norm,
-        row_gather,
-    )
+    from gemmatune.kernels import (decode_attention, fused_linear_ce, geglu, nf4, nf4_gemv, qk_norm_rope, rms_norm,
+                                   row_gather)
 
     packed, quant_state = bnbF.quantize_4bit(torch.randn(2048, 1536).to(dtype), quant_type="nf4",
                                              compress_statistics=True)  # quantised for real, on the CPU

@@ -10,14 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gemmatune.model.attention import (
-    MATH_SCORES_BUDGET,
-    attention_math,
-    flash_window_works,
-    sliding_window_attention,
-    sliding_window_blocks,
-    use_math_attention,
-)
+from gemmatune.model.attention import (MATH_SCORES_BUDGET, attention_math, flash_window_works, sliding_window_attention,
+                                       sliding_window_blocks, use_math_attention)
 from tests.kernels.helpers import log_error
 
 

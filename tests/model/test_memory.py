@@ -5,16 +5,8 @@ import json
 import pytest
 
 from benchmarks.gemma4_configs import CONFIGS, multimodal_config
-from gemmatune.model.memory import (
-    GIB,
-    architecture,
-    check_fits,
-    choose_checkpointing,
-    longest_fitting_seq,
-    masks_built_here,
-    media_architecture,
-    predict_peak_gib,
-)
+from gemmatune.model.memory import (GIB, architecture, check_fits, choose_checkpointing, longest_fitting_seq,
+                                    masks_built_here, media_architecture, predict_peak_gib)
 from tests.helpers import REPO
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -232,11 +232,12 @@ def test_two_ranks_equal_one_process_with_the_same_global_batch(two_ranks, one_p
             torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()),
                                        msg=lambda m: f"gradient {i} of step 1: {m}")
         # later steps and the weights, as whole vectors: from step 2 on, Adam's g / sqrt(v) has
-        # magnified that rounding in near-zero gradient elements. Measured: 1e-5 of the gradients
-        # at step 4 and 2.4e-5 of the adapter's update; one process whose padding alone changes
-        # drifts as far (1.6e-5 and 1.5e-5). A missing all-reduce or a wrong row is off by >1e-2.
+        # magnified that rounding in near-zero gradient elements. Measured on the 373-row bundled set's
+        # tokenizer: 1.0e-4 of the gradients at step 4 and 3.4e-5 of the adapter's update; one process
+        # whose padding alone changes drifts further (4.7e-4 at step 4). A missing all-reduce or a
+        # wrong row is off by >1e-2.
         for step, (actual, expected) in enumerate(zip(gradients, reference_gradients), 1):
-            assert relative_distance(actual, expected) < 1e-4, f"step {step}"
+            assert relative_distance(actual, expected) < 5e-4, f"step {step}"
         change = [run["weights"][k] - initial[k] for k in initial]
         assert relative_distance(change, [reference_weights[k] - initial[k] for k in initial]) < 2e-4
     # the ranks hold the very same weights: the same summed gradients, the same optimizer steps
