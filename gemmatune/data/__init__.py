@@ -10,6 +10,7 @@
     tokens.py       messages + media runs -> token ids and labels (answers only)
     dataset.py      prepare_dataset: all of the above for every row, with a report
     batches.py      prepared rows -> padded tensors (media decoded now); a generation prompt's tensors
+    prompts.py      prompts for reinforcement learning (ids + reward columns); the bundled arithmetic prompts
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
 modules above it in this list (and gemmatune.errors).
@@ -24,6 +25,7 @@ from gemmatune.data.dataset import (
 )
 from gemmatune.data.media import row_media
 from gemmatune.data.messages import audio_to_text, image_to_text, to_messages
+from gemmatune.data.prompts import load_bundled_prompts, prepare_prompts
 from gemmatune.data.rows import (
            bundled_dataset_path,
            keep_media_encoded,
@@ -33,5 +35,6 @@ from gemmatune.data.rows import (
 from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
 
 __all__ = ["IGNORE_INDEX", "PreparedDataset", "audio_to_text", "bundled_dataset_path", "collate", "format_chat",
-           "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_hub_dataset", "prepare_dataset",
-           "prompt_inputs", "row_media", "show_example", "split_train_eval", "to_messages", "tokenize_conversation"]
+           "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_bundled_prompts", "load_hub_dataset",
+           "prepare_dataset", "prepare_prompts", "prompt_inputs", "row_media", "show_example", "split_train_eval",
+           "to_messages", "tokenize_conversation"]
