@@ -194,13 +194,20 @@ def worker(args) -> None:
 
 
 def checkpoint_for(model: str, root: Path, cpu_smoke: bool) -> Path:
+    """A random-weight text-only checkpoint (Gemma4ForCausalLM, as benchmarks/train_step.py builds
+    them); for --cpu-smoke one of the tiny model's text config."""
+    folder = root / model
     if cpu_smoke:
-        from gemmatune.model.tiny import tiny_model_dir
+        from transformers import Gemma4ForCausalLM, Gemma4TextConfig
 
-        return tiny_model_dir()
+        from gemmatune.model.tiny import build_tiny_tokenizer, tiny_text_config_kwargs
+
+        torch.manual_seed(0)
+        Gemma4ForCausalLM(Gemma4TextConfig(**tiny_text_config_kwargs())).save_pretrained(folder)
+        build_tiny_tokenizer().save_pretrained(folder)
+        return folder
     from benchmarks.train_step import build_checkpoint
 
-    folder = root / model
     build_checkpoint(model, folder)
     return folder
 

@@ -27,13 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
 from gemmatune.data.prompts import prepare_prompts
 from gemmatune.errors import TrainingSetupError
 from gemmatune.files import check_writable
 from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
 from gemmatune.model.adapters import save_adapter
-from gemmatune.model.memory import check_fits, choose_checkpointing
+from gemmatune.model.memory import GIB, check_fits, choose_checkpointing, predict_peak_gib, usable_gib
 from gemmatune.training.dashboard import make_dashboard
 from gemmatune.training.grpo_loss import group_advantages, grpo_loss
 from gemmatune.training.loss import IGNORE_INDEX, shifted_labels, token_logprobs
@@ -45,6 +46,8 @@ from gemmatune.training.rollouts import (
     score_rollout,
     training_batches,
 )
+
+MEMORY_TARGET_GIB = 7.0  # what the automatic micro-batch size keeps a step within
 
 
 @dataclass
@@ -62,7 +65,7 @@ class GRPOConfig:
     epsilon_high: float | None = None  # None: epsilon (DAPO uses 0.28)
     scale_rewards: bool = True       # divide advantages by the group's std (False: Dr. GRPO)
     num_iterations: int = 1          # updates per rollout (TRL's mu); above 1 the clip matters
-    micro_batch_size: int = 16       # completions per forward/backward; a step accumulates them
+    micro_batch_size: int = 0        # completions per forward/backward, a step accumulating them (0: auto)
     rollout_batch_size: int = 0      # completions per generate call (0: the whole step at once)
     reward_weights: list | None = None  # one per reward function (None: all 1.0)
     learning_rate: float = 2e-5
@@ -139,6 +142,8 @@ def train_grpo(model, tokenizer, prompts, reward_funcs, config: GRPOConfig | Non
     optimizer = make_optimizer(model, config)
     weights = torch.tensor(config.reward_weights or [1.0] * len(reward_funcs), dtype=torch.float32)
     longest = max(len(r.input_ids) for r in rows) + config.max_new_tokens
+    if not config.micro_batch_size:
+        config.micro_batch_size = choose_micro_batch(model, longest, config)
     if config.gradient_checkpointing == "auto":
         config.gradient_checkpointing = choose_checkpointing(model, longest, config.micro_batch_size)
     warning = check_fits(model, longest, config.micro_batch_size, checkpointing=config.gradient_checkpointing)
@@ -150,7 +155,7 @@ def train_grpo(model, tokenizer, prompts, reward_funcs, config: GRPOConfig | Non
     print(describe_grpo_run(model, rows, reward_funcs, config))
 
     dash = make_dashboard(config.max_steps, title="gemmatune: GRPO", mode=config.dashboard, value_name="reward")
-    status, records, step = "done", [], 0
+    status, records = "done", []
     try:
         for step, step_prompts in enumerate(prompt_batches(rows, config), start=1):
             lr = learning_rate_at(step - 1, config)
@@ -307,11 +312,12 @@ def check_grpo_setup(model, reward_funcs: list, config: GRPOConfig) -> None:
     if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
         raise TrainingSetupError(f"reward_weights has {len(config.reward_weights)} entries for "
                                  f"{len(reward_funcs)} reward functions: give one weight per function")
-    for name in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations",
-                 "micro_batch_size"):
+    for name in ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "num_iterations"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             raise TrainingSetupError(f"{name}={value!r}: must be a whole number of at least 1")
+    if not isinstance(config.micro_batch_size, int) or config.micro_batch_size < 0:
+        raise TrainingSetupError(f"micro_batch_size={config.micro_batch_size!r}: a whole number (0: chosen for you)")
     if config.group_size < 2:
         raise TrainingSetupError("group_size must be at least 2: GRPO compares the completions of one prompt")
     if not config.temperature > 0:
@@ -319,6 +325,34 @@ def check_grpo_setup(model, reward_funcs: list, config: GRPOConfig) -> None:
                                  "(1.0 samples the policy itself)")
     if config.beta < 0 or not math.isfinite(config.beta):
         raise TrainingSetupError(f"beta={config.beta}: the KL coefficient must be 0 or more")
+
+
+def rollout_cache_gib(model, rows: int, length: int) -> float:
+    """The static KV cache of a rollout: K and V of every layer that computes them, for `rows`
+    completions of `length` positions (the decoder keeps it between steps)."""
+    per_token = 0
+    for attention in model.modules():
+        if isinstance(attention, hf_gemma4.Gemma4TextAttention) and not attention.is_kv_shared_layer:
+            per_token += 2 * attention.k_proj.out_features
+    dtype_bytes = next(p.element_size() for p in model.parameters() if p.dtype.is_floating_point)
+    return rows * length * per_token * dtype_bytes / GIB
+
+
+def choose_micro_batch(model, longest: int, config: GRPOConfig) -> int:
+    """The largest of 16, 8, 4, 2 completions per micro-batch (at most a step's) whose predicted training peak plus the
+    rollout's KV cache stays within MEMORY_TARGET_GIB (an 8 GB card's usable memory) and 90% of this
+    GPU's; else 1. Fewer, larger micro-batches are faster: the eager forward's cost is mostly
+    launching kernels, whatever the batch."""
+    completions = config.prompts_per_step * config.group_size
+    rows = config.rollout_batch_size or completions
+    cache = rollout_cache_gib(model, rows, -(-longest // 256) * 256)
+    usable = usable_gib()
+    budget = MEMORY_TARGET_GIB if usable is None else min(MEMORY_TARGET_GIB, 0.9 * usable)
+    for size in (16, 8, 4, 2):
+        size = min(size, completions)
+        if predict_peak_gib(model, longest, size, checkpointing="on") + cache <= budget:
+            return size
+    return 1
 
 
 def describe_grpo_run(model, rows, reward_funcs, config: GRPOConfig) -> str:

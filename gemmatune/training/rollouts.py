@@ -43,11 +43,13 @@ class Rollout:
 
 def stop_ids(tokenizer) -> list[int]:
     """Gemma 4 ends a reply with <turn|> (then <eos>): a completion ends at either."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor works too
     ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<turn|>")]
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
 def pad_id(tokenizer) -> int:
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids(tokenizer)[0]
 
 

@@ -1,7 +1,8 @@
 """GRPO on the tiny model in fp32: gemmatune's loss and LoRA gradients equal a plain PyTorch
 implementation (stock transformers + peft without gemmatune's kernels, full logits, one unpadded
-sequence at a time, a separately loaded base model as the reference), the reference policy is the model with its adapters disabled (also through
-gemmatune's NF4 + LoRA layers), and train_grpo raises a toy reward."""
+sequence at a time, a separately loaded base model as the reference); the reference policy is the
+model with its adapters disabled (also through gemmatune's NF4 + LoRA layers); train_grpo raises a
+toy reward."""
 import pytest
 import torch
 

@@ -12,7 +12,8 @@ import torch
 
 from gemmatune.data.prompts import BUNDLED_PROMPTS, PromptRow, load_bundled_prompts, prepare_prompts
 from gemmatune.errors import DatasetFormatError
-from gemmatune.training.grpo import GRPOResult, prompt_tokens
+from gemmatune.model.memory import predict_peak_gib
+from gemmatune.training.grpo import GRPOConfig, GRPOResult, choose_micro_batch, prompt_tokens, rollout_cache_gib
 from gemmatune.training.grpo_loss import clipped_surrogate, group_advantages, grpo_loss, kl_estimate
 from gemmatune.training.rollouts import Rollout, cut_at_stop, left_pad, score_rollout, training_batches
 from tests.helpers import REPO, FakeClock, widget_dashboard
@@ -250,3 +251,30 @@ def test_the_dashboard_names_its_value_and_shows_extra_numbers(capsys, monkeypat
     clock.t += 1.0  # past the widget's text refresh interval
     dash.update(2, 1.5, 1e-4, 100, extra={"KL": 0.5})
     assert "KL" in dash.view.cards.value and "0.5" in dash.view.cards.value
+
+
+# -- memory -----------------------------------------------------------------------------------
+def test_the_rollout_cache_counts_the_layers_that_compute_keys_and_values(tiny_dir):
+    from tests.helpers import load_tiny
+
+    model, _ = load_tiny()  # fp32; layers 0 (sliding, 2 x 32) and 1 (full, 2 x 64) compute K/V, 2 and 3 share
+    assert rollout_cache_gib(model, rows=3, length=256) * 2**30 == pytest.approx(3 * 256 * 2 * (64 + 128) * 4)
+
+
+@pytest.mark.parametrize("name, expected", [("e2b", 16), ("e4b", 8)])
+def test_the_automatic_micro_batch_keeps_a_full_size_step_within_the_target(name, expected, monkeypatch):
+    from transformers import Gemma4ForCausalLM
+
+    from benchmarks.gemma4_configs import CONFIGS
+    from gemmatune.training import grpo
+
+    monkeypatch.setattr(grpo, "usable_gib", lambda: 79.0)  # an H100: the 7 GiB target decides, not the card
+    with torch.device("meta"):
+        model = Gemma4ForCausalLM(CONFIGS[name]()).to(torch.bfloat16)
+    config = GRPOConfig()  # 8 prompts x 8 completions x 256 new tokens
+    size = choose_micro_batch(model, 45 + 256, config)
+    assert size == expected
+    peak = predict_peak_gib(model, 301, size, checkpointing="on") + rollout_cache_gib(model, 64, 512)
+    assert peak <= grpo.MEMORY_TARGET_GIB
+    monkeypatch.setattr(grpo, "usable_gib", lambda: 3.0)  # a small card: the smallest micro-batch
+    assert choose_micro_batch(model, 301, config) == 1
