@@ -101,8 +101,8 @@ def test_loss_and_lora_gradients_equal_a_plain_pytorch_grpo(micro_batch_size):
     assert_rel_close(actual, expected.detach(), 1e-5, "loss")
     grads = lora_grads(policy)
     assert set(grads) == set(expected_grads) and grads
-    for name, grad in expected_grads.items():
-        assert_rel_close(grads[name], grad, 1e-4, name)
+    for name, grad in expected_grads.items():  # measured: 5e-6 (loss: 1.3e-6), fp32 sums in another order
+        assert_rel_close(grads[name], grad, 5e-5, name)
 
 
 def test_the_hand_made_case_clips_some_tokens_and_has_a_kl():
