@@ -26,17 +26,18 @@ def _drop_bitsandbytes_cpu_kernel_notice() -> None:
 _drop_bitsandbytes_cpu_kernel_notice()
 
 from gemmatune import data, export, generation, model, training  # noqa: F401  (the documented subpackages)
-from gemmatune.data import (audio_to_text, image_to_text, load_bundled_dataset, load_hub_dataset, prepare_dataset,
-                            show_example)
+from gemmatune.data import (audio_to_text, image_to_text, load_bundled_dataset, load_bundled_prompts, load_hub_dataset,
+                            prepare_dataset, show_example)
 from gemmatune.export import export_gguf, merge_and_save
 from gemmatune.generation import chat, generate_replies, score, stream_reply
 from gemmatune.model import (TINY_MODEL_ID, add_lora, check_fits, choose_model_and_data, load_adapter, load_model,
                              predict_peak_gib, save_adapter, trainable_parameters)
-from gemmatune.training import TrainConfig, TrainResult, train
+from gemmatune.training import GRPOConfig, GRPOResult, TrainConfig, TrainResult, train, train_grpo
 
 __version__ = "0.1.0"
-__all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "audio_to_text", "chat", "check_fits",
-           "choose_model_and_data", "data", "export", "export_gguf", "generate_replies", "generation",
-           "image_to_text", "load_adapter", "load_bundled_dataset", "load_hub_dataset", "load_model",
-           "merge_and_save", "model", "predict_peak_gib", "prepare_dataset", "save_adapter", "score", "show_example",
-           "stream_reply", "train", "trainable_parameters", "training"]
+__all__ = ["GRPOConfig", "GRPOResult", "TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "audio_to_text",
+           "chat", "check_fits", "choose_model_and_data", "data", "export", "export_gguf", "generate_replies",
+           "generation", "image_to_text", "load_adapter", "load_bundled_dataset", "load_bundled_prompts",
+           "load_hub_dataset", "load_model", "merge_and_save", "model", "predict_peak_gib", "prepare_dataset",
+           "save_adapter", "score", "show_example", "stream_reply", "train", "train_grpo", "trainable_parameters",
+           "training"]

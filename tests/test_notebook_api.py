@@ -51,6 +51,8 @@ def accepted_keywords(func) -> tuple[set[str], bool]:
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     if func is gemmatune.train:
         return names | {f.name for f in dataclasses.fields(gemmatune.TrainConfig)}, False
+    if func is gemmatune.train_grpo:
+        return names | {f.name for f in dataclasses.fields(gemmatune.GRPOConfig)}, False
     return names, var_kw
 
 

@@ -14,6 +14,7 @@
                     (conversation_tokens); examples -> padded tensors, media decoded now (collate);
                     prompts -> left-padded tensors to generate from (prompt_batch)
     dataset.py      prepare_dataset: every row through the above, with a report
+    prompts.py      prompts for reinforcement learning (ids + reward columns); the bundled arithmetic prompts
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
 modules above it in this list (and gemmatune.errors).
@@ -23,10 +24,11 @@ from gemmatune.data.chat_format import format_chat, parse_reply
 from gemmatune.data.dataset import PreparedDataset, prepare_dataset, show_example, split_train_eval
 from gemmatune.data.media import row_media
 from gemmatune.data.messages import audio_to_text, image_to_text, prompt_messages, to_messages
+from gemmatune.data.prompts import load_bundled_prompts, prepare_prompts
 from gemmatune.data.rows import bundled_dataset_path, keep_media_encoded, load_bundled_dataset, load_hub_dataset
 from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
 
 __all__ = ["IGNORE_INDEX", "PreparedDataset", "audio_to_text", "bundled_dataset_path", "collate", "conversation_tokens",
-           "format_chat", "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_hub_dataset",
-           "parse_reply", "prepare_dataset", "prompt_batch", "prompt_messages", "row_media", "show_example",
-           "split_train_eval", "to_messages", "tokenize_conversation"]
+           "format_chat", "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_bundled_prompts",
+           "load_hub_dataset", "parse_reply", "prepare_dataset", "prepare_prompts", "prompt_batch", "prompt_messages",
+           "row_media", "show_example", "split_train_eval", "to_messages", "tokenize_conversation"]

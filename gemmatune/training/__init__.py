@@ -8,8 +8,12 @@
     distributed.py  several GPUs: DDP's two collectives, ranks that stop together
     dashboard.py    the live dashboard (widget, text or off)
     trainer.py      train(): reads top to bottom
+    grpo_loss.py    the GRPO objective: group advantages, clipped surrogate, KL estimator, token-level sum
+    rollouts.py     GRPO rollouts: sampled groups of completions, rewards, training micro-batches
+    grpo.py         train_grpo(): reinforcement learning with reward functions, reads top to bottom
 """
 from gemmatune.training.config import TrainConfig, TrainResult, TrainState
+from gemmatune.training.grpo import GRPOConfig, GRPOResult, train_grpo
 from gemmatune.training.trainer import train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainState", "train"]
+__all__ = ["GRPOConfig", "GRPOResult", "TrainConfig", "TrainResult", "TrainState", "train", "train_grpo"]

@@ -1,7 +1,7 @@
 """Live training dashboard: a widget in Jupyter, progress lines elsewhere, nothing when off.
 
     dash = make_dashboard(total_steps, title="gemmatune", mode="auto")  # auto|widget|text|off
-    dash.update(step, loss, lr, tokens, grad_norm=None, ranks=None)  # once per optimizer step
+    dash.update(step, loss, lr, tokens, grad_norm=None, ranks=None, extra=None)  # once per optimizer step
     dash.note("checkpoint saved to ...")
     summary = dash.close("done")                          # done|interrupted|failed -> TrainingSummary
 
@@ -16,6 +16,10 @@ headless and saved still shows the loss curve.
 With several processes (torchrun) rank 0 draws it and `ranks` carries every rank's (tokens, GiB)
 of the step: the views add each rank's tokens/s and memory (peak GPU memory allocated, or RSS on
 a CPU). The other ranks get `silent_dashboard`.
+
+Other loops (GRPO) plot another value than the loss (`value_name="reward"`) and pass `extra`, a
+dict of more per-step numbers ({"KL": 0.01, "rollout tok/s": 2100.0}), which the text line and
+the widget's tiles show as they come.
 """
 from __future__ import annotations
 
@@ -109,6 +113,7 @@ class TrainingSummary:
     peak_vram_reserved_gib: float | None
     status: str
     per_rank: list | None = None  # several processes: [(tokens/s, GiB)] of each rank
+    value_name: str = "loss"      # what first_loss / last_loss hold ("reward" for GRPO)
 
     def rows(self) -> list[tuple[str, str]]:
         vram = "n/a (no CUDA)" if self.peak_vram_allocated_gib is None else (
@@ -116,7 +121,7 @@ class TrainingSummary:
         return [("status", self.status), ("steps", f"{self.steps:,} / {self.total_steps:,}"),
                 ("wall time", _hms(self.wall_time_s)),
                 ("tokens trained", f"{self.tokens_trained:,} ({self.tokens_per_s:,.0f} tok/s)"),
-                ("loss first → last", f"{_f(self.first_loss, '.4f')} → {_f(self.last_loss, '.4f')}"),
+                (f"{self.value_name} first → last", f"{_f(self.first_loss, '.4f')} → {_f(self.last_loss, '.4f')}"),
                 ("peak VRAM", vram)] + ([("per rank", rank_summary(self.per_rank))] if self.per_rank else [])
 
     def __str__(self) -> str:
@@ -128,14 +133,16 @@ class TrainingSummary:
 class Dashboard:
     """The numbers every view shows (EMA loss, tokens/s, ETA); create it with make_dashboard()."""
 
-    def __init__(self, total_steps, title, view, *, clock=time.monotonic, smoothing=0.9, window=10, stream=None):
-        self.total_steps, self.title, self.view = int(total_steps), title, view
+    def __init__(self, total_steps, title, view, *, clock=time.monotonic, smoothing=0.9, window=10, stream=None,
+                 value_name="loss"):
+        self.total_steps, self.title, self.view, self.value_name = int(total_steps), title, view, value_name
         self.clock, self.smoothing, self.stream = clock, smoothing, stream
         self.t0, self.status, self.summary = clock(), "running", None
         self.steps = self.tokens = 0
         self.first_loss = self.last_loss = self.ema = self.lr = self.grad_norm = None
         self.history: list[tuple[int, float, float]] = []  # (step, loss, smoothed loss)
         self.notes: list[str] = []
+        self.extra: dict[str, float] = {}  # the latest step's extra values, by name
         self._recent: deque = deque(maxlen=window + 1)  # (time, step, tokens) of the last steps
         self._rank_tokens: deque = deque(maxlen=window)  # several processes: each rank's tokens, same steps
         self.rank_memory: list[float] = []                # and each rank's GiB at the last step
@@ -165,7 +172,7 @@ class Dashboard:
         return (r[-1][0] - r[0][0]) / (r[-1][1] - r[0][1]) * max(self.total_steps - self.steps, 0)
 
     def update(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None = None,
-               ranks: list | None = None) -> None:
+               ranks: list | None = None, extra: dict | None = None) -> None:
         if self.summary is not None:
             return
         try:
@@ -179,6 +186,7 @@ class Dashboard:
                 self.ema = ema_update(self.ema, loss, self.smoothing)
             self.history.append((step, loss, math.nan if self.ema is None else self.ema))
             self._recent.append((self.clock(), step, tokens))
+            self.extra = {str(k): float(v) for k, v in (extra or {}).items()}
             if ranks:
                 self._rank_tokens.append([int(t) for t, _ in ranks])
                 self.rank_memory = [float(gib) for _, gib in ranks]
@@ -196,7 +204,7 @@ class Dashboard:
             self.summary = TrainingSummary(
                 self.steps, self.total_steps, wall, self.tokens, self.tokens / wall if wall > 0 else 0.0,
                 self.first_loss, self.last_loss, mem.peak_allocated_gib, mem.peak_reserved_gib, status,
-                self.rank_rates() or None)
+                self.rank_rates() or None, self.value_name)
             self._show("close", self.summary)
         return self.summary
 
@@ -249,11 +257,17 @@ def progress_line(d: Dashboard) -> str:
     m = gpu_memory_stats()
     mem = (f"VRAM {m.allocated_gib:.1f} GiB (peak {m.peak_allocated_gib:.1f}/{m.total_gib:.0f})" if m.cuda
            else "" if m.rss_gib is None else f"RSS {_gib(m.rss_gib)}")
-    parts = [f"step {d.steps}/{d.total_steps}", f"loss {_f(d.last_loss, '.3f')} (avg {_f(d.ema, '.3f')})",
+    parts = [f"step {d.steps}/{d.total_steps}", f"{d.value_name} {_f(d.last_loss, '.3f')} (avg {_f(d.ema, '.3f')})",
              f"lr {_f(d.lr, '.1e')}", f"{d.tokens_per_s():,.0f} tok/s",
              "" if d.grad_norm is None else f"grad {d.grad_norm:.2f}", mem, f"ETA {_hms(d.eta_s())}",
              f"ranks {rank_summary(d.rank_rates())}" if d.rank_memory else ""]
+    parts += [f"{name} {extra_value(value)}" for name, value in d.extra.items()]
     return " | ".join(p for p in parts if p)
+
+
+def extra_value(x: float) -> str:
+    """An extra value, shortly: 0.0123, 4.56, 1,234."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _tile(label: str, value: str, sub: str = "") -> str:
@@ -333,7 +347,7 @@ class _WidgetView:
         else:
             self.display(static, raw=True)
         png = self.render_png(d)
-        self.display({"image/png": base64.b64encode(png).decode(), "text/plain": "<loss curve>"}, raw=True)
+        self.display({"image/png": base64.b64encode(png).decode(), "text/plain": f"<{d.value_name} curve>"}, raw=True)
         self.plot.value, self.box.layout.display = b"", "none"  # in any frontend; and keeps .ipynb small
 
     def _refresh_text(self, d, m: MemoryStats) -> None:
@@ -345,13 +359,14 @@ class _WidgetView:
                                     f'{_hms(d.eta_s())}</span>')
         mem = (_tile("VRAM", f"{m.allocated_gib:.1f} GiB", f"peak {m.peak_allocated_gib:.1f} / {m.total_gib:.0f} GiB")
                if m.cuda else _tile("memory (RSS)", "—" if m.rss_gib is None else _gib(m.rss_gib), "no GPU — CPU"))
-        tiles = [_tile("loss", _f(d.last_loss, ".4f"), f"smoothed {_f(d.ema, '.4f')}"),
+        tiles = [_tile(html.escape(d.value_name), _f(d.last_loss, ".4f"), f"smoothed {_f(d.ema, '.4f')}"),
                  _tile("learning rate", _f(d.lr, ".2e")),
                  _tile("tokens / s", f"{d.tokens_per_s():,.0f}", f"{d.tokens:,} total"),
                  _tile("grad norm", _f(d.grad_norm, ".3f")), mem]
         if d.rank_memory:  # several processes: one line per rank
             tiles.append(_tile("ranks", f"{len(d.rank_memory)} processes", "<br>".join(
                 html.escape(line) for line in rank_summary(d.rank_rates()).split(" · "))))
+        tiles += [_tile(html.escape(name), extra_value(value)) for name, value in d.extra.items()]
         self.cards.value = (f'<div style="{FONT};display:grid;grid-template-columns:1fr 1fr;gap:6px">'
                             + "".join(tiles) + "</div>")
 
@@ -395,13 +410,13 @@ class _WidgetView:
         gs = fig.add_gridspec(2 if cuda else 1, 1, height_ratios=[7, 1] if cuda else [1], hspace=0.6,
                               left=0.08, right=0.97, top=0.91, bottom=0.07 if cuda else 0.16)
         ax = self._ax = fig.add_subplot(gs[0])
-        self._raw, = ax.plot([], [], color=ACCENT_LIGHT, lw=1.0, label="loss")
+        self._raw, = ax.plot([], [], color=ACCENT_LIGHT, lw=1.0, label=d.value_name)
         self._smooth, = ax.plot([], [], color=ACCENT, lw=2.4, label=f"smoothed (EMA {d.smoothing:.2g})")
         self._dot, = ax.plot([], [], "o", color=ACCENT, ms=5, zorder=3)
         self._value = ax.annotate("", (0, 0), xytext=(-4, 9), ha="right", textcoords="offset points",
                                   color=ACCENT, fontsize=9, fontweight="bold")
         ax.legend(frameon=False, fontsize=8, loc="upper right")
-        ax.set_title("training loss", loc="left", fontsize=10, fontweight="bold", color=INK)
+        ax.set_title(f"training {d.value_name}", loc="left", fontsize=10, fontweight="bold", color=INK)
         self._step_title = ax.set_title("", loc="right", fontsize=9, color=MUTED)
         ax.grid(axis="y", color=GRID, lw=0.8)
         ax.set(axisbelow=True)
@@ -434,12 +449,13 @@ def silent_dashboard(total_steps: int, title: str = "gemmatune") -> Dashboard:
 
 
 def make_dashboard(total_steps: int, title: str = "gemmatune", mode: str = "auto", *, clock=time.monotonic,
-                   stream=None, display=None, smoothing: float | None = None) -> Dashboard:
+                   stream=None, display=None, smoothing: float | None = None, value_name: str = "loss") -> Dashboard:
     """Pick the view for `mode` (GEMMATUNE_DASHBOARD, if set, wins) and start the clock.
 
     clock: monotonic seconds (tests pass a fake); stream: where text goes (stdout by default);
     display: IPython's display by default; smoothing: EMA beta of the smoothed loss, by default
-    1 - 8/total_steps kept within [0.6, 0.95], so short runs are not drowned in lag."""
+    1 - 8/total_steps kept within [0.6, 0.95], so short runs are not drowned in lag; value_name: what
+    update()'s `loss` holds, as the views name it ("reward" for GRPO)."""
     env = os.environ.get("GEMMATUNE_DASHBOARD", "").strip().lower()
     mode = env if env in MODES else mode
     if mode not in MODES:
@@ -453,7 +469,7 @@ def make_dashboard(total_steps: int, title: str = "gemmatune", mode: str = "auto
         except Exception as e:  # ipywidgets missing or broken: text always works
             why = f"dashboard: no widget ({e!r}); using text output" if mode == "widget" else None
     view = view or (_NullView() if mode == "off" else _TextView(stream))
-    dash = Dashboard(total_steps, title, view, clock=clock, smoothing=smoothing, stream=stream)
+    dash = Dashboard(total_steps, title, view, clock=clock, smoothing=smoothing, stream=stream, value_name=value_name)
     if why:
         dash.note(why)
     return dash
