@@ -1,5 +1,6 @@
 """The data path, one module per stage; text and media take the same stages.
 
+    readers.py      .jsonl, .json, .csv, .parquet files (or a folder of them) -> numbered rows
     rows.py         files, lists, `datasets` objects, the bundled sets, the hub -> numbered rows
     messages.py     a row of any common schema -> [{"role", "content"}] (content parts for media)
     sources.py      where a medium's bytes come from (a path, bytes, an object in memory)
@@ -8,7 +9,7 @@
     media.py        messages -> an ImageRef/AudioRef per media part (checked and counted)
     chat_format.py  messages -> Gemma 4's chat format as text
     tokens.py       messages + media runs -> token ids and labels (answers only)
-    dataset.py      prepare_dataset: all of the above for every row, with a report
+    dataset.py      prepare_dataset: all of the above for every row, with a report; scan_rows (no tokenizer)
     batches.py      prepared rows -> padded tensors (media decoded now); a generation prompt's tensors
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
@@ -19,6 +20,7 @@ from gemmatune.data.chat_format import format_chat
 from gemmatune.data.dataset import (
            PreparedDataset,
            prepare_dataset,
+           scan_rows,
            show_example,
            split_train_eval,
 )
@@ -34,4 +36,5 @@ from gemmatune.data.tokens import IGNORE_INDEX, tokenize_conversation
 
 __all__ = ["IGNORE_INDEX", "PreparedDataset", "audio_to_text", "bundled_dataset_path", "collate", "format_chat",
            "image_to_text", "keep_media_encoded", "load_bundled_dataset", "load_hub_dataset", "prepare_dataset",
-           "prompt_inputs", "row_media", "show_example", "split_train_eval", "to_messages", "tokenize_conversation"]
+           "prompt_inputs", "row_media", "scan_rows", "show_example", "split_train_eval", "to_messages",
+           "tokenize_conversation"]

@@ -115,12 +115,12 @@ class RunSaves:
 
     def checkpoint(self) -> Path:
         """Write checkpoint-<step> (a signal meanwhile is told to wait) and prune this run's oldest."""
-        with self.signals.saving(self.output_dir / f"checkpoint-{self.state.step}"):
+        with self.signals.saving(self.output_dir / f"checkpoint-{self.state.step}"):  # a stop comes after this
             path = save_checkpoint(self.model, self.tokenizer, self.optimizer, self.state, self.output_dir,
                                    self.run_id)
-        self.last_good, self.last_good_step = path, self.state.step
-        self.written.append(path)
-        self.written = prune_checkpoints(self.written, self.config.keep_checkpoints, self.run_id)
+            self.last_good, self.last_good_step = path, self.state.step  # so the stop does not write it again
+            self.written.append(path)
+            self.written = prune_checkpoints(self.written, self.config.keep_checkpoints, self.run_id)
         return path
 
     def final(self, status: str, failure: BaseException | None = None) -> Path:

@@ -59,11 +59,12 @@ class StopSignals:
 
     def _handle(self, number, frame) -> None:
         self.received.append(number)
-        name = signal.Signals(number).name
-        if len(self.received) > 1 or self._saving:
+        name, first = signal.Signals(number).name, len(self.received) == 1
+        if self._saving or not first:
             doing = f"writing {self._saving}" if self._saving else "saving what was trained"
             print(f"gemmatune: {name} received while {doing}: please wait a few seconds, the save is not "
                   "abandoned", file=self.stream or sys.stderr, flush=True)
+        if not first:
             return
         if self._depth:
             self._held = True  # raised when the critical section ends

@@ -189,11 +189,13 @@ def test_pruning_never_deletes_a_folder_another_run_wrote(tmp_path):
 
 
 # ------------------------------------------------------------------ resuming
-@pytest.fixture()
-def checkpoint(tmp_path, dataset):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, dataset):
+    """Read, never changed, by the tests that resume from it."""
+    folder = tmp_path_factory.mktemp("first")
     model, tokenizer = _lora_model()
-    gemmatune.train(model, dataset, tokenizer, max_steps=3, save_every=2, output_dir=str(tmp_path / "first"), **FAST)
-    return tmp_path / "first" / "checkpoint-2"
+    gemmatune.train(model, dataset, tokenizer, max_steps=3, save_every=2, output_dir=str(folder), **FAST)
+    return folder / "checkpoint-2"
 
 
 def test_resuming_onto_another_base_model_of_the_same_shapes_is_refused(checkpoint, dataset, tmp_path):

@@ -119,3 +119,27 @@ def test_signals_during_a_final_save_never_interrupt_it(capsys):
         assert written == "all of it" and len(signals.received) == 2
     assert capsys.readouterr().err.count("please wait") == 2
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_a_signal_during_a_periodic_checkpoint_stops_after_it_without_writing_it_twice(tmp_path, tiny_dir,
+                                                                                      monkeypatch):
+    import gemmatune
+    import gemmatune.training.saving as training_saving
+    from tests.helpers import load_tiny
+
+    real_save = training_saving.save_checkpoint
+
+    def save_while_signalled(*args, **kwargs):
+        _send(signal.SIGINT)  # Ctrl-C while checkpoint-2 is being written
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(training_saving, "save_checkpoint", save_while_signalled)
+    monkeypatch.setenv("GEMMATUNE_KERNELS", "0")
+    model, tokenizer = load_tiny()
+    model = gemmatune.add_lora(model, r=8)
+    dataset = gemmatune.prepare_dataset("bundled", tokenizer, max_seq_length=128)
+    result = gemmatune.train(model, dataset, tokenizer, max_steps=10, save_every=2, batch_size=2, grad_accum=1,
+                             dashboard="off", output_dir=str(tmp_path))
+    assert result.status == "interrupted" and result.state.step == 2 and result.stopped_by == "SIGINT"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["adapter", "checkpoint-2"]
+    assert result.checkpoint_dir == str(tmp_path / "checkpoint-2")
