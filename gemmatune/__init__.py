@@ -25,19 +25,38 @@ def _drop_bitsandbytes_cpu_kernel_notice() -> None:
 
 _drop_bitsandbytes_cpu_kernel_notice()
 
-from gemmatune import data, export, generation, model, training  # noqa: F401  (the documented subpackages)
-from gemmatune.data import (audio_to_text, image_to_text, load_bundled_dataset, load_bundled_prompts, load_hub_dataset,
-                            prepare_dataset, show_example)
-from gemmatune.export import export_gguf, merge_and_save
-from gemmatune.generation import chat, generate_replies, score, stream_reply
-from gemmatune.model import (TINY_MODEL_ID, add_lora, check_fits, choose_model_and_data, load_adapter, load_model,
-                             predict_peak_gib, save_adapter, trainable_parameters)
-from gemmatune.training import GRPOConfig, GRPOResult, TrainConfig, TrainResult, train, train_grpo
+# The public names and the stage each comes from. Loaded on first use (PEP 562 `__getattr__`):
+# `python -m gemmatune` imports this package before the command line runs, and the stages import
+# torch, transformers, peft and bitsandbytes (seconds), so the command line can print first.
+_STAGE_OF = {
+    "audio_to_text": "data", "image_to_text": "data", "load_bundled_dataset": "data", "load_bundled_prompts": "data",
+    "load_hub_dataset": "data", "prepare_dataset": "data", "show_example": "data",
+    "export_gguf": "export", "merge_and_save": "export",
+    "chat": "generation", "generate_replies": "generation", "score": "generation", "stream_reply": "generation",
+    "TINY_MODEL_ID": "model", "add_lora": "model", "check_fits": "model", "choose_model_and_data": "model",
+    "load_adapter": "model", "load_model": "model", "predict_peak_gib": "model", "save_adapter": "model",
+    "trainable_parameters": "model",
+    "GRPOConfig": "training", "GRPOResult": "training", "TrainConfig": "training", "TrainResult": "training",
+    "train": "training", "train_grpo": "training",
+}
+_SUBPACKAGES = ("data", "export", "generation", "model", "training")  # the documented subpackages
 
 __version__ = "0.1.0"
-__all__ = ["GRPOConfig", "GRPOResult", "TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "audio_to_text",
-           "chat", "check_fits", "choose_model_and_data", "data", "export", "export_gguf", "generate_replies",
-           "generation", "image_to_text", "load_adapter", "load_bundled_dataset", "load_bundled_prompts",
-           "load_hub_dataset", "load_model", "merge_and_save", "model", "predict_peak_gib", "prepare_dataset",
-           "save_adapter", "score", "show_example", "stream_reply", "train", "train_grpo", "trainable_parameters",
-           "training"]
+__all__ = sorted([*_STAGE_OF, *_SUBPACKAGES])
+
+
+def __getattr__(name: str):
+    """A public name or subpackage, imported the first time it is used."""
+    import importlib
+
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"gemmatune.{name}")
+    if name in _STAGE_OF:
+        value = getattr(importlib.import_module(f"gemmatune.{_STAGE_OF[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gemmatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

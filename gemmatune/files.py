@@ -8,6 +8,7 @@ exists where a save goes is never deleted: it is kept as `<name>.previous-1`, `<
 """
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -33,7 +34,26 @@ def publish(tmp: Path, final: Path) -> Path | None:
 
 def staging_dir(final: Path) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
-    return final.with_name(f".{final.name}.partial-{int(time.time() * 1000)}")
+    return final.with_name(f".{final.name}.partial-{os.getpid()}-{int(time.time() * 1000)}")
+
+
+def remove_partials(folder) -> list[Path]:
+    """Delete the half-written `.<name>.partial-*` folders in `folder` (a save that failed or was
+    killed); returns them. Only for a folder no other process is saving into (train holds a lock)."""
+    removed = []
+    for path in Path(folder).glob(".*.partial-*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def free_bytes(folder) -> int:
+    """Free bytes on the filesystem that holds `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
 
 
 def check_writable(folder) -> Path:

@@ -2,7 +2,8 @@
 
 nbmake (pytest --nbmake) checks that every cell runs; this runs the notebooks the way
 `python -m gemmatune notebook` does and reads what a person would see: no stderr stream (red
-boxes in Jupyter: library warnings, progress noise), no warning text, no error. It also checks
+boxes in Jupyter: library warnings, progress noise), no warning text, no error, and no widget
+left in the saved copy (reopened without its kernel, a widget reads "model not found"). It also checks
 statically that a notebook never prints a check's result without acting on it (a printed
 `False` that lets the run pass)."""
 import ast
@@ -48,6 +49,8 @@ def test_a_fresh_run_shows_no_warnings(notebook, tmp_path, monkeypatch, tiny_dir
         if "\n\n\n\n" in streamed:
             shown.append(f"cell {index}: runs of blank lines in its printed output")
         for output in cell.get("outputs", []):
+            if "application/vnd.jupyter.widget-view+json" in output.get("data", {}):  # needs the live kernel
+                shown.append(f"cell {index}: a widget, which the saved notebook shows as 'model not found'")
             text = "".join(output.get("text", "")) + json.dumps(output.get("data", {}))
             if output.get("name") == "stderr" or output["output_type"] == "error" or "Warning" in text:
                 shown.append(f"cell {index}: {output.get('name', output['output_type'])}: {text[:300]}")

@@ -226,6 +226,7 @@ def test_an_unreachable_hub_fails_at_once(monkeypatch, tmp_path):
 # ------------------------------------------------------------------ the command line
 def _cli(*args, cwd):
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "GEMMATUNE_KERNELS": "0", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(REPO),  # this checkout's gemmatune, not an installed one
            **{k: v for k, v in __import__("os").environ.items() if k.startswith("GEMMATUNE_CACHE")}}
     return subprocess.run([sys.executable, "-m", "gemmatune", *args], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=600)

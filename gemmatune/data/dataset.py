@@ -6,6 +6,11 @@
 
 Text rows take the same path (they have no media parts). The report says how many rows and tokens
 there are, how many are trained, and why any row was truncated, dropped or skipped.
+
+Any row costs bounded memory: its text is cut before it is tokenised (`bounded_tokens`), so a row
+of gigabytes costs a few times max_seq_length tokens of work, while a row that fits keeps exactly
+its tokens. `scan_rows` reads rows into messages without a tokenizer, so a command line can check
+the data, and find which towers it needs, before a model is loaded.
 """
 import os
 import random
@@ -15,16 +20,19 @@ from itertools import groupby
 from pathlib import Path
 
 from gemmatune.data.audio import MAX_AUDIO_SECONDS
-from gemmatune.data.batches import as_example, conversation_tokens
+from gemmatune.data.batches import as_example, conversation_tokens, media_kinds
 from gemmatune.data.chat_format import conversation_thinks
 from gemmatune.data.images import ImageRef
-from gemmatune.data.media import media_settings
-from gemmatune.data.messages import row_to_conversation
+from gemmatune.data.media import media_settings, plan_media
+from gemmatune.data.messages import has_media, row_to_conversation
 from gemmatune.data.rows import numbered_rows
 from gemmatune.data.tokens import IGNORE_INDEX
 from gemmatune.errors import DatasetFormatError
 
 SKIP_HINT = "Fix the row, or pass skip_bad_rows=True to skip such rows (they are counted in the report)."
+FIRST_CUT_CHARS_PER_TOKEN = 8  # the first cut keeps 8 characters per token of budget (English text has ~4)
+CUT_MARGIN_TOKENS = 64  # a cut row keeps at least this many tokens past max_seq_length
+WHITESPACE = re.compile(r"\s")
 
 
 @dataclass
@@ -42,6 +50,7 @@ class PreparedDataset:
     media_cut_length: int = 0  # the longest such row, in tokens: a max_seq_length that keeps them all
     rows_skipped: dict = field(default_factory=dict)  # reason -> count, with skip_bad_rows=True
     first_skipped: str = ""  # the first skipped row's error, so the reader sees an example
+    media_verified: bool = False  # every image and clip was decoded once (verify_media)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -109,26 +118,30 @@ class PreparedDataset:
 def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs: bool = False,
                     drop_long: bool = False, formatting_func=None, skip_bad_rows: bool = False,
                     max_soft_tokens: int = 280, max_audio_seconds: float = MAX_AUDIO_SECONDS,
-                    mel_bins: int | None = None, verify_media: bool = False,
+                    mel_bins: int | None = None, verify_media: bool | None = None,
                     mask_thought: bool = False) -> PreparedDataset:
     """Every row through the data path: messages, media checked and counted, tokens and labels.
 
     Args:
-        data: "bundled", a path to a .json/.jsonl file, a datasets.Dataset, or a list of dict rows
-            in any schema gemmatune.data.messages reads (ShareGPT, OpenAI messages, Alpaca).
+        data: "bundled", a path to a .jsonl, .json, .csv or .parquet file (or a folder of them), a
+            datasets.Dataset, or a list of dict rows in any schema gemmatune.data.messages reads
+            (ShareGPT, OpenAI messages, Alpaca).
         tokenizer: the tokenizer (or processor) load_model returned.
         max_seq_length: longer rows are truncated (or dropped with drop_long=True); a row whose
             last answer token is cut away, or that would be cut inside an image or clip, is dropped
-            and counted.
+            and counted. A row's text is cut before tokenising, so a huge row costs little.
         train_on_inputs: train every token but <bos>, not only the answers.
         drop_long: drop rows over max_seq_length instead of truncating them.
         formatting_func: row -> messages (or a row in a known schema), for other columns;
             gemmatune.image_to_text / audio_to_text are ready-made ones.
-        skip_bad_rows: skip unreadable rows and count them by reason instead of raising.
+        skip_bad_rows: skip unreadable rows (bad JSON, undecodable lines, broken media) and count
+            them by reason instead of raising.
         max_soft_tokens: soft tokens per image (70, 140, 280, 560 or 1120).
         max_audio_seconds: the longest clip accepted (at most 30 s; 25 tokens a second).
         mel_bins: the audio tower's input width (default: the tokenizer's feature extractor, else 128).
-        verify_media: decode every image and clip once now, not only their headers.
+        verify_media: decode every image and clip once now, not only their headers, so a file cut
+            off after its header is found here and not by a training step. Default: on with
+            skip_bad_rows=True (the row is then skipped and counted), else off.
         mask_thought: no loss on the model's thoughts (`<|channel>thought ...<channel|>`), only on
             its answers and tool calls. A row with a thought is rendered with thinking on.
 
@@ -145,16 +158,18 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
     if not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ValueError(f"max_seq_length={max_seq_length!r}: a row needs at least 2 tokens (<bos> and one "
                          "trained token); Gemma 4 rows are usually 256-4096 tokens long")
-    base_dir = Path(data).parent if isinstance(data, (str, os.PathLike)) and data != "bundled" else None
-    settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins, base_dir, verify_media)
+    verify_media = skip_bad_rows if verify_media is None else verify_media
+    settings = media_settings(tokenizer, max_soft_tokens, max_audio_seconds, mel_bins, _base_dir(data), verify_media)
     prepared, cache = PreparedDataset(examples=[], max_seq_length=max_seq_length), {}
+    prepared.media_verified = verify_media
     for where, row in numbered_rows(data):
         try:
             if isinstance(row, DatasetFormatError):
                 raise row
             messages, tools = row_to_conversation(row, where, formatting_func)
-            tokens = conversation_tokens(tokenizer, messages, settings, where, max_seq_length, train_on_inputs,
-                                         cache, tools=tools, mask_thought=mask_thought)
+            tokens = bounded_tokens(messages, max_seq_length, lambda cut: conversation_tokens(
+                tokenizer, cut, settings, where, max_seq_length, train_on_inputs, cache, tools=tools,
+                mask_thought=mask_thought))
         except DatasetFormatError as error:
             if not skip_bad_rows:
                 raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
@@ -174,6 +189,114 @@ def prepare_dataset(data, tokenizer, max_seq_length: int = 2048, train_on_inputs
             prepared.thinking.append(conversation_thinks(messages))
             prepared.tool_use.append(any(m.get("tool_calls") for m in messages))
     return prepared
+
+
+def _base_dir(data) -> Path | None:
+    """Where relative media paths of a data file (or a folder of files) are read from."""
+    if not isinstance(data, (str, os.PathLike)) or data == "bundled":
+        return None
+    return Path(data) if Path(data).is_dir() else Path(data).parent
+
+
+def bounded_tokens(messages: list[dict], max_seq_length: int, tokenize) -> dict:
+    """tokenize(messages), with the text cut first so that a row of any size costs at most a few
+    times max_seq_length tokens of work (a 10 MB row took 1.8 GB in the tokenizer; 3 GB aborted it).
+
+    The first try keeps FIRST_CUT_CHARS_PER_TOKEN characters per token; a cut row that still has
+    CUT_MARGIN_TOKENS tokens past max_seq_length is done (the kept tokens lie far before the cut,
+    and the cut is at a whitespace boundary, so they are those of the whole row); one with fewer
+    is tried again with 4x the characters, up to the whole row. So a row that fits is never cut:
+    its tokens are exactly the uncut ones."""
+    budget = FIRST_CUT_CHARS_PER_TOKEN * (max_seq_length + CUT_MARGIN_TOKENS)
+    while True:
+        cut = cut_conversation(messages, budget)
+        tokens = tokenize(messages if cut is None else cut)
+        if cut is None or tokens["length"] >= max_seq_length + CUT_MARGIN_TOKENS:
+            return tokens
+        budget *= 4
+
+
+def cut_conversation(messages: list[dict], budget: int) -> list[dict] | None:
+    """The conversation up to `budget` characters of text, cut at a whitespace boundary (within the
+    last 1,000 characters, else exactly at the budget), everything after it dropped; None when the
+    whole conversation is within the budget. Media parts before the cut are kept."""
+    kept, left = [], budget
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        kept_parts = []
+        for part in parts:
+            if part["type"] != "text":
+                kept_parts.append(part)
+                continue
+            text = part["text"]
+            if len(text) > left:
+                kept_parts.append({**part, "text": _cut_at_whitespace(text, left)})
+                return kept + [{**message, "content": kept_parts if isinstance(content, list)
+                                else kept_parts[0]["text"]}]
+            kept_parts.append(part)
+            left -= len(text)
+        kept.append(message)
+    return None
+
+
+def _cut_at_whitespace(text: str, length: int) -> str:
+    window_start = max(0, length - 1000)
+    spaces = [m.start() for m in WHITESPACE.finditer(text, window_start, length)]
+    return text[:spaces[-1] if spaces else length]
+
+
+@dataclass
+class RowScan:
+    """What scan_rows found: rows read, the media kinds they hold, and the rows skipped."""
+
+    rows: int = 0
+    media_kinds: set = field(default_factory=set)  # {"image", "audio"}
+    rows_skipped: dict = field(default_factory=dict)  # reason -> count
+    first_skipped: str = ""
+
+    def report(self) -> str:
+        kinds = f" with {' and '.join(sorted(self.media_kinds))}" if self.media_kinds else " (text only)"
+        skipped = sum(self.rows_skipped.values())
+        return f"{self.rows:,} rows{kinds}" + (f", {skipped:,} unreadable (first: {self.first_skipped})"
+                                                if skipped else "")
+
+
+def scan_rows(data, formatting_func=None, skip_bad_rows: bool = False, max_soft_tokens: int = 280,
+              max_audio_seconds: float = MAX_AUDIO_SECONDS) -> RowScan:
+    """Read every row into messages and check its media headers, without a tokenizer or a model.
+
+    Why: a command line can then refuse bad data, and pick the towers the data needs, before it
+    spends a minute loading a model.
+
+    Args:
+        data, formatting_func, skip_bad_rows, max_soft_tokens, max_audio_seconds: as prepare_dataset.
+
+    Returns:
+        A RowScan: the rows read, the media kinds found ({"image", "audio"}), the rows skipped.
+
+    Raises:
+        DatasetFormatError: the first unreadable row (naming it), unless skip_bad_rows=True.
+        FileNotFoundError: `data` names no file.
+    """
+    settings = media_settings(None, max_soft_tokens, max_audio_seconds, None, _base_dir(data))
+    scan = RowScan()
+    for where, row in numbered_rows(data):
+        try:
+            if isinstance(row, DatasetFormatError):
+                raise row
+            messages, _ = row_to_conversation(row, where, formatting_func)
+            if has_media(messages):
+                plan_media(messages, where, settings)
+                scan.media_kinds |= media_kinds([messages])
+        except DatasetFormatError as error:
+            if not skip_bad_rows:
+                raise DatasetFormatError(f"{error} {SKIP_HINT}", error.reason) from None
+            scan.rows_skipped[error.reason] = scan.rows_skipped.get(error.reason, 0) + 1
+            scan.first_skipped = scan.first_skipped or str(error)
+            continue
+        scan.rows += 1
+    return scan
 
 
 def split_train_eval(prepared: PreparedDataset, eval_fraction: float = 0.05, seed: int = 0):

@@ -95,7 +95,8 @@ def inspect_image(value, max_soft_tokens: int, where: str, base_dir: Path | None
         source = _array_to_image(source, where)
     if isinstance(source, Image.Image):
         _check_convertible(source.mode, where)
-        return ImageRef(source, *_displayed_size(source), max_soft_tokens, where)
+        height, width = _displayed_size(source)
+        return ImageRef(_shrunk_once(source, height, width, max_soft_tokens), height, width, max_soft_tokens, where)
     if not isinstance(source, (bytes, Path)):
         raise DatasetFormatError(f"{where}: the image is a {type(value).__name__}; pass a PIL image, a path, "
                                  "bytes or a uint8 array.", "bad image")
@@ -121,6 +122,18 @@ def load_image(ref: ImageRef):
             raise DatasetFormatError(f"{ref.where}: the image cannot be decoded ({exc}); the file is probably "
                                      "cut off or damaged. Replace or drop it.", "corrupt image") from None
         return to_rgb(ImageOps.exif_transpose(image))
+
+
+def _shrunk_once(image, height: int, width: int, max_soft_tokens: int):
+    """An image in memory over 4x its target size, shrunk now to twice the target, as JPEGs are
+    decoded (`draft`): otherwise every batch would copy and resize the full image again (a
+    20000 x 20000 image took 4 GiB a step). Smaller images are kept as they are."""
+    from PIL import Image, ImageOps
+
+    target_h, target_w = image_target_size(height, width, max_soft_tokens)
+    if min(height / target_h, width / target_w) < 4:
+        return image
+    return to_rgb(ImageOps.exif_transpose(image)).resize((2 * target_w, 2 * target_h), resample=Image.BICUBIC)
 
 
 def image_patches(image, max_soft_tokens: int = 280, size: tuple[int, int] | None = None):

@@ -150,22 +150,30 @@ def score(model, tokenizer, rows, formatting_func=None, metrics=("exact_match", 
 
 def image_table(images, columns: dict, max_height: int = 80):
     """An HTML table for Jupyter: one row per image, the image then one cell per column
-    (e.g. {"reference": [...], "before": [...], "after": [...]})."""
+    (e.g. {"reference": [...], "before": [...], "after": [...]}). Headers and cells align alike
+    (left, top); an empty answer reads "(empty answer)", not an empty grey box."""
     import base64
     import html
     import io
 
     from IPython.display import HTML
 
-    header = "".join(f"<th>{html.escape(name)}</th>" for name in ["image", *columns])
+    align = "text-align:left;vertical-align:top;padding:4px 12px 4px 0"
+
+    def cell(value) -> str:
+        text = "" if value is None else str(value)
+        if not text.strip():
+            return f"<td style='{align}'><i style='opacity:.6'>(empty answer)</i></td>"
+        return f"<td style='{align}'><code>{html.escape(text)}</code></td>"
+
+    header = "".join(f"<th style='{align}'>{html.escape(name)}</th>" for name in ["image", *columns])
     rows = []
     for i, image in enumerate(images):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        cells = "".join(f"<td style='text-align:left'><code>{html.escape(values[i])}</code></td>"
-                        for values in columns.values())
-        rows.append(f"<tr><td><img src='{src}' style='max-height:{max_height}px'></td>{cells}</tr>")
+        cells = "".join(cell(values[i]) for values in columns.values())
+        rows.append(f"<tr><td style='{align}'><img src='{src}' style='max-height:{max_height}px'></td>{cells}</tr>")
     return HTML(f"<table><tr>{header}</tr>{''.join(rows)}</table>")
 
 

@@ -4,7 +4,11 @@
     optimizer.py    8-bit AdamW without per-tensor syncs; warmup + linear/cosine schedule
     loss.py         next-token cross-entropy over label tokens, logits never materialised
     step.py         one micro-step (forward + loss + backward), replayed as a CUDA graph
-    checkpoints.py  resumable checkpoints (adapter, optimizer, state), no pickle
+    checkpoints.py  resumable checkpoints (adapter, optimizer, state, base model), no pickle
+    saving.py       the room a run's saves need; its checkpoints and last save, also when the disk fills up
+    run_lock.py     one run per output_dir
+    stop_signals.py Ctrl-C, the stop button and SIGTERM stop a run between whole steps, never mid-save
+    row_check.py    rows whose media fail to decode during training are skipped and counted
     distributed.py  several GPUs: DDP's two collectives, ranks that stop together
     dashboard.py    the live dashboard (widget, text or off)
     trainer.py      train(): reads top to bottom
@@ -13,7 +17,10 @@
     grpo.py         train_grpo(): reinforcement learning with reward functions, reads top to bottom
 """
 from gemmatune.training.config import TrainConfig, TrainResult, TrainState
+from gemmatune.training.dashboard import text_loading_bars
 from gemmatune.training.grpo import GRPOConfig, GRPOResult, train_grpo
+from gemmatune.training.saving import SaveError
 from gemmatune.training.trainer import train
 
-__all__ = ["GRPOConfig", "GRPOResult", "TrainConfig", "TrainResult", "TrainState", "train", "train_grpo"]
+__all__ = ["GRPOConfig", "GRPOResult", "SaveError", "TrainConfig", "TrainResult", "TrainState", "text_loading_bars",
+           "train", "train_grpo"]

@@ -19,7 +19,7 @@ class TrainConfig:
     pad_to_multiple_of: int = 64   # round batch lengths up: fewer distinct shapes to capture
     seed: int = 3407
     output_dir: str = "outputs"
-    save_every: int = 0            # checkpoint every N steps (0 = only at the end)
+    save_every: int = 0            # checkpoint every N steps (0: only when the run is stopped or fails)
     keep_checkpoints: int = 2      # of this run's checkpoints, the newest N are kept (0 = all)
     dashboard: str = "auto"        # "auto" | "widget" | "text" | "off"
     rank_timeout_s: float = 600.0  # several GPUs: how long a rank waits for the others before it stops
@@ -31,15 +31,21 @@ class TrainState:
     tokens_trained: int = 0
     losses: list = field(default_factory=list)
     processes: int = 1             # how many ranks trained it (the rows per step depend on it)
+    batch_size: int = 0            # the batch geometry and data size it was trained with (0: not recorded),
+    grad_accum: int = 0            # checked on resume: other values change the data order
+    dataset_rows: int = 0
 
 
 @dataclass
 class TrainResult:
-    status: str                    # "done" | "interrupted"
+    status: str                    # "done" | "interrupted" (Ctrl-C, the stop button, SIGTERM)
     state: TrainState
     adapter_dir: str
     summary: object = None
     step_seconds: list = field(default_factory=list)  # wall time of each optimizer step of this call
+    checkpoint_dir: str | None = None  # the newest resumable checkpoint (resume_from=...), if any
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
+    rows_skipped: dict = field(default_factory=dict)  # rows whose media failed to decode during training, by reason
 
     @property
     def losses(self) -> list:

@@ -7,7 +7,8 @@
 
 The trainer never branches on where it runs (style habit 11). `Dashboard` keeps the numbers and
 hands them to one view: `_WidgetView` (ipywidgets + matplotlib; "auto" picks it inside a Jupyter
-kernel), `_TextView` (throttled lines) or `_NullView` ("off"). A view that raises is swapped for
+kernel), `_TextView` (a progress bar redrawn in place on a terminal, throttled lines in a log file
+or a pipe) or `_NullView` ("off"). A view that raises is swapped for
 the text view, so display problems never reach the training loop. GEMMATUNE_DASHBOARD=widget|text|off
 overrides `mode`. At close the widget is replaced in place (its display handle) by a static HTML
 summary and a PNG of the final figure: an .ipynb keeps those, not widget state, so a notebook run
@@ -20,6 +21,10 @@ a CPU). The other ranks get `silent_dashboard`.
 Other loops (GRPO) plot another value than the loss (`value_name="reward"`) and pass `extra`, a
 dict of more per-step numbers ({"KL": 0.01, "rollout tok/s": 2100.0}), which the text line and
 the widget's tiles show as they come.
+
+`text_loading_bars()` makes transformers' own progress bars (loading weights) text: in a saved
+notebook a widget shows "Error displaying widget: model not found" once the kernel that drew it
+is gone, where text stays readable.
 """
 from __future__ import annotations
 
@@ -231,20 +236,65 @@ class _NullView:
 
 
 class _TextView:
-    def __init__(self, stream=None, interval: float = 1.0):
-        self.stream, self.interval, self._last = stream, interval, None
+    """Lines every `interval` seconds; on a terminal, one progress bar (tqdm) redrawn in place."""
 
-    def _print(self, text) -> None: print(text, file=self.stream or sys.stdout, flush=True)
-    def open(self, d): pass
+    def __init__(self, stream=None, interval: float = 1.0):
+        self.stream, self.interval, self._last, self._bar = stream, interval, None, None
+
+    def _print(self, text) -> None:
+        if self._bar is not None:
+            self._bar.write(str(text), file=self.stream or sys.stdout)
+        else:
+            print(text, file=self.stream or sys.stdout, flush=True)
+
+    def open(self, d) -> None:
+        out = self.stream or sys.stdout
+        if getattr(out, "isatty", lambda: False)():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=d.total_steps, desc="training", unit="step", file=out, dynamic_ncols=True,
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}")
+
     def say(self, d, line: str): self._print(f"[{d.title}] {line}")
     note = say
-    def close(self, d, summary): self._print(summary)
+
+    def close(self, d, summary) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._print(summary)
 
     def step(self, d, final: bool) -> None:
+        if self._bar is not None:  # redrawn in place; tqdm limits how often it writes
+            self._bar.n = d.steps
+            self._bar.set_postfix_str(progress_line(d, with_step=False))
+            return
         now = d.clock()
         if final or self._last is None or now - self._last >= self.interval:
             self._last = now
             self._print(progress_line(d))
+
+
+def text_loading_bars() -> None:
+    """From now on, transformers' progress bars (loading weights) are text on stdout, not widgets
+    (see the module docstring); a transformers without `set_tqdm_hook` gets them switched off."""
+    from transformers.utils import logging as transformers_logging
+
+    if hasattr(transformers_logging, "set_tqdm_hook"):
+        transformers_logging.set_tqdm_hook(text_progress_bar)
+    else:
+        transformers_logging.disable_progress_bar()
+
+
+def text_progress_bar(factory, args, kwargs):
+    """The hook text_loading_bars gives transformers.utils.logging.set_tqdm_hook: a text tqdm on
+    stdout where transformers would make a tqdm.auto one. Bars transformers switched off stay off."""
+    from tqdm.auto import tqdm as auto_tqdm
+    from tqdm.std import tqdm as text_tqdm
+
+    if factory is not auto_tqdm:
+        return factory(*args, **kwargs)
+    return text_tqdm(*args, **{"file": sys.stdout, **kwargs})
 
 
 def rank_summary(rates: list[tuple[float, float]]) -> str:
@@ -252,12 +302,13 @@ def rank_summary(rates: list[tuple[float, float]]) -> str:
     return " · ".join(f"{i}: {tps:,.0f} tok/s {_gib(gib)}" for i, (tps, gib) in enumerate(rates))
 
 
-def progress_line(d: Dashboard) -> str:
+def progress_line(d: Dashboard, with_step: bool = True) -> str:
     """`step 12/60 | loss 2.314 (avg 2.401) | lr 1.8e-04 | 1,234 tok/s | VRAM 3.1 GiB (peak 4.0/8) | ETA 0:42`"""
     m = gpu_memory_stats()
     mem = (f"VRAM {m.allocated_gib:.1f} GiB (peak {m.peak_allocated_gib:.1f}/{m.total_gib:.0f})" if m.cuda
            else "" if m.rss_gib is None else f"RSS {_gib(m.rss_gib)}")
-    parts = [f"step {d.steps}/{d.total_steps}", f"{d.value_name} {_f(d.last_loss, '.3f')} (avg {_f(d.ema, '.3f')})",
+    parts = [f"step {d.steps}/{d.total_steps}" if with_step else "",
+             f"{d.value_name} {_f(d.last_loss, '.3f')} (avg {_f(d.ema, '.3f')})",
              f"lr {_f(d.lr, '.1e')}", f"{d.tokens_per_s():,.0f} tok/s",
              "" if d.grad_norm is None else f"grad {d.grad_norm:.2f}", mem, f"ETA {_hms(d.eta_s())}",
              f"ranks {rank_summary(d.rank_rates())}" if d.rank_memory else ""]
@@ -312,7 +363,8 @@ class _WidgetView:
         self.cards = W.HTML(layout=W.Layout(width="250px", min_width="250px", margin="2px 0 0 12px"))
         self.bar = W.IntProgress(value=0, min=0, max=max(d.total_steps, 1), style={"bar_color": ACCENT},
                                  layout=W.Layout(flex="1 1 auto", width="auto", height="14px"))
-        self.plot = W.Image(format="png", layout=W.Layout(width="100%", max_width="720px"))
+        # hidden until its first PNG: an empty image shows as a broken-image icon in JupyterLab
+        self.plot = W.Image(format="png", layout=W.Layout(width="100%", max_width="720px", display="none"))
         self.box = W.VBox([self.header, W.HBox([self.bar, self.progress_text], layout=W.Layout(align_items="center")),
                            W.HBox([W.Box([self.plot], layout=W.Layout(flex="1 1 auto")), self.cards],
                                   layout=W.Layout(align_items="flex-start")), self.log],
@@ -328,6 +380,7 @@ class _WidgetView:
         if final or self._last_plot is None or now - self._last_plot >= max(self.plot_interval, 4 * self.render_s):
             self._last_plot = now
             self.plot.value = self.render_png(d)
+            self.plot.layout.display = None
 
     def note(self, d, message):
         self.log.value = _notes_html(d)

@@ -4,8 +4,12 @@ One optimizer step = `grad_accum` micro-batches. All micro-batches of a step are
 first so the loss can be divided by the label-token count of the whole step (see gemmatune.training.loss):
 then batch 4 and batch 1 x 4 accumulation give the same gradients.
 
-Everything needed to resume lives in `TrainState` (saved with each checkpoint). Ctrl-C /
-the notebook's stop button saves the adapter before returning: training is never lost.
+Everything needed to resume lives in `TrainState` (saved with each checkpoint). Ctrl-C, the
+notebook's stop button and SIGTERM (gemmatune.training.stop_signals) stop the run between two
+whole steps; it then saves a resumable checkpoint and the adapter (gemmatune.training.saving), and
+a second signal is told to wait for the save: training is never lost. Before the first step the
+output folder is locked for this run (gemmatune.training.run_lock) and its free space is checked
+against every save the run will make.
 
 Under torchrun / accelerate launch every rank runs this same loop on its own share of each
 step's rows; gemmatune.training.distributed says what the ranks exchange and how they stop together.
@@ -13,6 +17,7 @@ Only rank 0 prints, draws the dashboard and writes files.
 """
 import random
 import time
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,18 +25,21 @@ import torch
 
 from gemmatune.data.batches import collate
 from gemmatune.errors import TrainingSetupError
-from gemmatune.files import check_writable
+from gemmatune.files import check_writable, remove_partials
 from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
-from gemmatune.model.adapters import save_adapter
 from gemmatune.model.memory import check_fits, choose_checkpointing
 from gemmatune.model.towers import require_towers_for_examples
 from gemmatune.training import distributed
-from gemmatune.training.checkpoints import load_checkpoint, prune_checkpoints, save_checkpoint
+from gemmatune.training.checkpoints import geometry_changes, load_checkpoint
 from gemmatune.training.config import TrainConfig, TrainResult, TrainState
 from gemmatune.training.dashboard import make_dashboard, silent_dashboard
 from gemmatune.training.loss import count_label_tokens
 from gemmatune.training.optimizer import learning_rate_at, make_optimizer
+from gemmatune.training.row_check import DecodableRows, needs_decode_check
+from gemmatune.training.run_lock import RunLock
+from gemmatune.training.saving import RunSaves, check_space
 from gemmatune.training.step import MicroStep
+from gemmatune.training.stop_signals import StopSignals, signal_name
 
 
 def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int, rank: int = 0, world: int = 1):
@@ -68,23 +76,30 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
         resume_from: a checkpoint-N folder of an earlier run to continue exactly where it stopped.
 
     Returns:
-        A TrainResult: status "done", "interrupted" (Ctrl-C, the notebook's stop button) or
-        "failed", the losses, where the adapter went (output_dir/adapter), a summary of time and
-        memory. Under torchrun every rank calls train() alike and rank 0 writes the files.
+        A TrainResult: status "done" or "interrupted" (Ctrl-C, the notebook's stop button, SIGTERM:
+        a resumable checkpoint is saved, `checkpoint_dir`), the losses, where the adapter went
+        (output_dir/adapter), a summary of time and memory. Under torchrun every rank calls
+        train() alike and rank 0 writes the files.
 
     Raises:
         TrainingSetupError: before the first step, for an empty dataset, max_steps below 1, an
-            output_dir that cannot be written, a model without adapters.
-        CheckpointError: resume_from is not a readable checkpoint of this model.
+            output_dir that cannot be written or has too little free space for this run's saves,
+            another run using the same output_dir, a model without adapters.
+        CheckpointError: resume_from is not a readable checkpoint of this model (or of another
+            base model).
         MissingTowerError: image or audio rows for a model loaded without that tower, before the first step.
-        Any error during training is raised after the adapter trained so far has been saved.
+        SaveError: a save failed during the run (a full disk); the message says where the last
+            good checkpoint is and where the weights were saved instead.
+        Any error during training is raised after a checkpoint and the adapter trained so far
+        have been saved.
     """
     config = config or TrainConfig()
     config = TrainConfig(**{**asdict(config), **overrides})
     device = next((p.device for p in model.parameters() if p.requires_grad), torch.device("cpu"))
     ranks = distributed.join(device, config.rank_timeout_s)
     try:
-        return _train(model, dataset, tokenizer, config, resume_from, ranks, device)
+        with StopSignals() as signals:
+            return _train(model, dataset, tokenizer, config, resume_from, ranks, device, signals)
     except BaseException as error:
         ranks.stop(error)  # the other ranks stop waiting for this one
         raise
@@ -92,25 +107,38 @@ def train(model, dataset, tokenizer=None, config: TrainConfig | None = None, res
         ranks.close()
 
 
-def _train(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, device) -> TrainResult:
+def _train(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, device, signals) -> TrainResult:
     check_before_training(dataset, config, writes=ranks.is_main)
     require_towers_for_examples(model, dataset)  # images/audio the model has no tower for: refused, not ignored
     say = print if ranks.is_main else _silent
+    with ExitStack() as held:
+        if ranks.is_main:  # one run per output_dir; what a dead run half-wrote there goes
+            held.enter_context(RunLock(config.output_dir, say))
+            for stale in remove_partials(config.output_dir):
+                say(f"gemmatune: removed {stale}, a save an earlier run did not finish")
+        return _run(model, dataset, tokenizer, config, resume_from, ranks, device, signals, say)
+
+
+def _run(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, device, signals, say) -> TrainResult:
     torch.manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer is not None else 0
     optimizer = make_optimizer(model, config)
-    state = load_checkpoint(resume_from, model, optimizer) if resume_from else TrainState(processes=ranks.world)
+    state = load_checkpoint(resume_from, model, optimizer, say) if resume_from else TrainState(processes=ranks.world)
     if state.step >= config.max_steps:
         raise TrainingSetupError(f"the checkpoint {resume_from} is at step {state.step} and max_steps is "
                                  f"{config.max_steps}: nothing is left to train; raise max_steps to continue")
-    if state.processes != ranks.world:
-        say(f"gemmatune: WARNING: the checkpoint was trained by {state.processes} process(es), this run has "
-            f"{ranks.world}: each step now takes a different number of rows, so the data order differs from "
-            "an uninterrupted run")
-        state.processes = ranks.world
+    changes = geometry_changes(state, config.batch_size, config.grad_accum, ranks.world, len(dataset))
+    if resume_from and changes:
+        say(f"gemmatune: WARNING: the checkpoint's run took other rows per step ({'; '.join(changes)}): the data "
+            "order now differs from an uninterrupted run")
+    state.processes, state.batch_size, state.grad_accum = ranks.world, config.batch_size, config.grad_accum
+    state.dataset_rows = len(dataset)
+    if ranks.is_main:
+        check_space(model, tokenizer, config, state.step)
     for param in model.parameters():  # a backward run before train() must not leak into step 1
         param.grad = None
-    batches = micro_batches(dataset, config, pad_id, config.seed, ranks.rank, ranks.world)
+    rows = DecodableRows(dataset, say) if needs_decode_check(dataset) else dataset
+    batches = micro_batches(rows, config, pad_id, config.seed, ranks.rank, ranks.world)
     for _ in range(state.step * config.grad_accum):  # replay the data order when resuming
         next(batches)
     longest = getattr(model, "gemmatune_max_seq_length", None) or 2048  # prepare_dataset's limit
@@ -130,7 +158,8 @@ def _train(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, d
     title = "gemmatune: fine-tuning"
     dash = (make_dashboard(config.max_steps, title=title, mode=config.dashboard) if ranks.is_main
             else silent_dashboard(config.max_steps, title=title))
-    status, checkpoints, step_seconds = "done", [], []
+    saves = RunSaves(model, tokenizer, optimizer, state, config, signals, resume_from, say)
+    status, failure, step_seconds = "done", None, []
     try:
         while state.step < config.max_steps:
             started = time.perf_counter()
@@ -145,41 +174,53 @@ def _train(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, d
                 loss_sum += micro_step(batch, normalizer=max(n_tokens, 1))
             totals = ranks.all_reduce_grads(trainable, loss_sum, local_tokens)  # once per optimizer step
             grad_norm = _clip(model, config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=False)  # graphed steps accumulate into these .grad tensors
-            state.step += 1
-            state.tokens_trained += n_tokens
-            loss, per_rank = ranks.read_totals(totals)  # the GPU finishes the step here
-            state.losses.append(loss)
+            with signals.critical():  # the update and its step count, whole: a stop waits for both
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)  # graphed steps accumulate into these .grad tensors
+                state.step += 1
+                state.tokens_trained += n_tokens
+                loss, per_rank = ranks.read_totals(totals)  # the GPU finishes the step here
+                state.losses.append(loss)
             step_seconds.append(time.perf_counter() - started)
             grad_norm = float(grad_norm) if grad_norm is not None else None
             dash.update(state.step, loss, lr, n_tokens, grad_norm, ranks=per_rank)
             if (ranks.is_main and config.save_every and state.step % config.save_every == 0
                     and state.step < config.max_steps):
-                checkpoints.append(save_checkpoint(model, tokenizer, optimizer, state, config.output_dir))
-                checkpoints = prune_checkpoints(checkpoints, config.keep_checkpoints)
-                dash.note(f"checkpoint saved to {checkpoints[-1]}")
+                dash.note(f"checkpoint saved to {saves.checkpoint()}")
     except KeyboardInterrupt as error:
         status = "interrupted"
         ranks.stop(error)
     except BaseException as error:  # out of memory, a bad batch...: keep what was trained, then re-raise
-        status = "failed"
+        status, failure = "failed", error
         ranks.stop(error)  # before saving: the other ranks may be waiting for this one
         raise
     finally:
-        adapter_dir = Path(config.output_dir) / "adapter"
-        if ranks.is_main:
+        with signals.saving(f"the last save in {config.output_dir}", interrupt_after=False):
             try:
-                adapter_dir = save_adapter(model, tokenizer, adapter_dir)
+                adapter_dir = _last_save(saves, status, failure, ranks)
+                resumable = f"checkpoint {saves.last_good} and " if status != "done" and saves.last_good else ""
+                dash.note(f"{status} at step {state.step}/{config.max_steps}: {resumable}adapter saved to "
+                          f"{adapter_dir}")
             finally:
-                ranks.main_saved()
-        else:
-            ranks.wait_for_main_save()
-        dash.note(f"{status} at step {state.step}/{config.max_steps}: adapter saved to {adapter_dir}")
-        summary = dash.close(status)
-        model.eval()
+                summary = dash.close(status)
+                if getattr(rows, "rows_skipped", None):
+                    say(f"gemmatune: skipped {sum(rows.rows_skipped.values())} row(s) whose media did not decode: "
+                        + ", ".join(f"{n} {why}" for why, n in sorted(rows.rows_skipped.items())))
+                model.eval()
     return TrainResult(status=status, state=state, adapter_dir=str(adapter_dir), summary=summary,
-                       step_seconds=step_seconds)
+                       step_seconds=step_seconds, checkpoint_dir=str(saves.last_good) if saves.last_good else None,
+                       stopped_by=signal_name(signals.first), rows_skipped=dict(getattr(rows, "rows_skipped", {})))
+
+
+def _last_save(saves: RunSaves, status: str, failure, ranks) -> Path:
+    """Rank 0 saves (a checkpoint if stopped or failed, then the adapter); the other ranks wait for it."""
+    if not ranks.is_main:
+        ranks.wait_for_main_save()
+        return Path(saves.config.output_dir) / "adapter"
+    try:
+        return saves.final(status, failure)
+    finally:
+        ranks.main_saved()
 
 
 def _silent(*args, **kwargs) -> None:

@@ -5,6 +5,7 @@ between steps, as the notebook's stop button or Ctrl-C gives; the resumed run st
 as a new process would. Exactly: the same floats, step for step, and the same final adapter weights.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,7 +56,7 @@ def test_interrupted_and_resumed_run_follows_the_uninterrupted_one_exactly(datas
     stopped = gemmatune.train(model, dataset, tokenizer, output_dir=str(tmp_path / "run"), **SETTINGS)
     assert stopped.status == "interrupted" and stopped.state.step == 5
     last = max((tmp_path / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert last.name == "checkpoint-4"  # step 5 was trained but not checkpointed: it is redone
+    assert last.name == "checkpoint-5" == Path(stopped.checkpoint_dir).name  # the stop saved step 5, resumable
     monkeypatch.setattr(training_dashboard.Dashboard, "update", real_update)
 
     model, tokenizer = fresh_lora_model()  # a new process would start like this
@@ -63,7 +64,7 @@ def test_interrupted_and_resumed_run_follows_the_uninterrupted_one_exactly(datas
                               **SETTINGS)
     assert resumed.status == "done" and resumed.state.step == 7
     assert stopped.losses == uninterrupted.losses[:5]
-    assert resumed.losses == uninterrupted.losses  # steps 1-4 carried over, 5-7 recomputed: equal floats
+    assert resumed.losses == uninterrupted.losses  # steps 1-5 carried over, 6-7 computed: equal floats
     assert resumed.state.tokens_trained == uninterrupted.state.tokens_trained
     resumed_weights = adapter_weights(model)
     assert resumed_weights.keys() == final_weights.keys()
