@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.records import command_line, package_versions, results_file
+from gemmatune.data.dataset import PreparedDataset
 
 GIB = 2**30
 MEDIA_IDS = {"<|image>": 255999, "<|image|>": 258880, "<image|>": 258882,  # the released ids (Gemma4Config)
@@ -117,7 +118,7 @@ def media_rows(kind, n, seed, vocab, ids, budget=280, mel_bins=128, longest_clip
 
 
 def fixed_text_rows(n, length, seed, vocab):
-    return text_rows([length] * n, seed, vocab)
+    return PreparedDataset(examples=text_rows([length] * n, seed, vocab), max_seq_length=length)
 
 
 # ------------------------------------------------------------------ the stacks
@@ -209,9 +210,9 @@ def gemmatune_run(model, optimizer, pad_id, data, packing, max_seq, args, starte
         batches, accum = iter(lambda: fixed_batch, None), 1
         seq, batch = fixed_batch["input_ids"].shape[1], fixed_batch["input_ids"].shape[0]
     else:
-        config = TrainConfig(batch_size=BATCH, grad_accum=GRAD_ACCUM, packing=packing and max_seq)
+        config = TrainConfig(batch_size=BATCH, grad_accum=GRAD_ACCUM, packing=packing)  # train()'s buffer length
         batches, accum = micro_batches(data, config, pad_id, epoch_seed=args.seed), GRAD_ACCUM
-        seq, batch = (pack_length(data, config.packing) if packing else max_seq), BATCH
+        seq, batch = (pack_length(data, True) if packing else max_seq), BATCH
     checkpointing = choose_checkpointing(model, seq, batch, packed=bool(packing))
     enable_gradient_checkpointing(model, checkpointing)
     micro_step = MicroStep(model)
@@ -274,10 +275,13 @@ def workload_data(args, vocab, ids, mel_bins):
         max_seq, n_rows = 256 if kind == "text" else 512, 60
     if kind == "text":
         lengths = text_mix_lengths(n_rows, args.seed, **(dict(median=60, low=8, high=256) if args.smoke else {}))
-        return text_rows(lengths, args.seed, vocab), lengths, max_seq
-    rows = media_rows(kind, n_rows, args.seed, vocab, ids, budget=70 if args.smoke else 280, mel_bins=mel_bins,
-                      longest_clip=10 if args.smoke else 30)
-    return rows, [len(r["input_ids"]) for r in rows], max_seq
+        rows = text_rows(lengths, args.seed, vocab)
+    else:
+        rows = media_rows(kind, n_rows, args.seed, vocab, ids, budget=70 if args.smoke else 280, mel_bins=mel_bins,
+                          longest_clip=10 if args.smoke else 30)
+    # as prepare_dataset returns them (its max_seq_length sizes the packed buffers)
+    dataset = PreparedDataset(examples=rows, max_seq_length=max_seq)
+    return dataset, [len(r["input_ids"]) for r in rows], max_seq
 
 
 def fixed_workload(args, max_seq, vocab):
@@ -334,7 +338,7 @@ def worker(args) -> None:
             elif run == "fixed":
                 name, fixed = fixed_workload(args, max_seq, vocab)
                 record.update(workload=name, row_lengths=None)
-                is_rows = isinstance(fixed, list)
+                is_rows = isinstance(fixed, PreparedDataset)
                 record.update(gemmatune_run(model, optimizer, pad_id, fixed if is_rows else None, False, max_seq, args,
                                             start, fixed_batch=None if is_rows else fixed))
             else:
@@ -480,7 +484,7 @@ def main() -> None:
                 runs = ["packed", "fixed", "padded"] if stack == "gemmatune" else ["padded"]
                 if args.smoke and workload != "text-mix" and stack == "gemmatune":
                     runs = ["packed", "padded"]  # train_step_multimodal's fixed batches hold the released ids
-                for record in run_worker(workload, model, stack, runs, ckpt, args):
+                for record in run_worker(workload, "tiny" if args.smoke else model, stack, runs, ckpt, args):
                     record.update(gpu=gpu, versions=package_versions(), command=command)
                     records.append(record)
                     print(format_row(record), flush=True)

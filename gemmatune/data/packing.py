@@ -46,21 +46,29 @@ def rows_per_buffer(length: int) -> int:
 
 
 def pack_length(dataset, packing, multiple: int = 64) -> int:
-    """The tokens in one buffer. packing=True: the dataset's max_seq_length (what the padded run's
-    longest micro-batch would hold, which load_model/check_fits sized against the GPU), at least its
-    longest row, rounded up to `multiple`. An int: that many tokens (at least the longest row).
+    """The tokens in one buffer, rounded up to `multiple`.
+
+    packing=True: the dataset's max_seq_length (the length the run's memory was sized for:
+    load_model, check_fits and predict_peak_gib take batch_size x max_seq_length), but no more than
+    twice the longest row: rows much shorter than max_seq_length would otherwise make a step many
+    times the tokens of a padded one (a whole small dataset in one step). Never shorter than the
+    longest row. For a plain list of rows (no max_seq_length): the longest row. An int: that many
+    tokens, at least the longest row.
 
     Raises:
-        TrainingSetupError: an int packing length shorter than the longest row.
+        TrainingSetupError: packing is neither True nor a whole number of tokens at least as long as
+            the longest row.
     """
     longest = max(len(example["input_ids"]) for example in dataset)
     if packing is True:
-        length = max(longest, getattr(dataset, "max_seq_length", 0) or 0)
+        limit = getattr(dataset, "max_seq_length", None) or longest
+        length = max(longest, min(limit, 2 * longest))
+    elif isinstance(packing, int) and not isinstance(packing, bool) and packing >= longest:
+        length = packing
     else:
-        length = int(packing)
-        if length < longest:
-            raise TrainingSetupError(f"packing={packing}: the longest row has {longest} tokens and rows are never "
-                                     f"split; use packing={longest} or more, or packing=True")
+        raise TrainingSetupError(f"packing={packing!r}: use True (buffers sized from max_seq_length), False (pad "
+                                 f"each micro-batch), or a number of tokens per buffer of at least {longest}, the "
+                                 "longest row (rows are never split)")
     return -(-length // multiple) * multiple
 
 

@@ -113,15 +113,21 @@ def test_cu_seq_lens_agree_with_document_ids():
 
 def test_pack_length():
     rows = rows_of_lengths([5, 70])
-    assert pack_length(rows, True) == 128
+    assert pack_length(rows, True) == 128  # a plain list: the longest row, rounded up
     assert pack_length(rows, 100, multiple=8) == 104
 
-    class Prepared(list):
-        max_seq_length = 1000
+    def prepared(max_seq_length):
+        class Prepared(list):  # what prepare_dataset returns carries its max_seq_length
+            pass
+        dataset = Prepared(rows)
+        dataset.max_seq_length = max_seq_length
+        return dataset
 
-    assert pack_length(Prepared(rows), True) == 1024  # what the padded run's longest micro-batch holds
-    with pytest.raises(TrainingSetupError, match="packing=70 or more"):
-        pack_length(rows, 64)
+    assert pack_length(prepared(100), True) == 128  # the length memory was sized for
+    assert pack_length(prepared(2048), True) == 192  # but at most two of the longest rows (140)
+    for wrong in (64, "yes", 1.5):
+        with pytest.raises(TrainingSetupError, match="at least 70, the longest row"):
+            pack_length(rows, wrong)
 
 
 def test_token_counts_of_padded_batches():
