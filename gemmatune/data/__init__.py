@@ -10,6 +10,7 @@
     tokens.py       messages + media runs -> token ids and labels (answers only)
     dataset.py      prepare_dataset: all of the above for every row, with a report
     batches.py      prepared rows -> padded tensors (media decoded now); a generation prompt's tensors
+    packing.py      prepared rows -> fixed token buffers, rows back to back (train's default)
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
 modules above it in this list (and gemmatune.errors).
