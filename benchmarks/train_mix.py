@@ -32,7 +32,9 @@ its first_step_s counts from load_model; later runs count from their own start).
 untimed optimizer steps (graph captures happen there: the first micro-batch of a shape runs eagerly,
 the second is captured), then `--steps` timed ones, the CPU work (collating, decoding media) included.
 useful_tokens_per_s: tokens of rows (prompts, answers, soft tokens; not padding) per second;
-padding_fraction: padding / all tokens computed, over the timed steps.
+padding_fraction: padding / all tokens computed, over the timed steps; replayed_fraction: the timed
+micro-batches whose shape had a captured graph already (a padded run meets new shapes for a while:
+each is run eagerly once, captured the second time, at most 8 kept, so a short run is its worst case).
 
 Records (one per run): model, stack, workload, packing, useful_tokens_per_s, padding_fraction,
 graph_captures, peak_allocated_gib, first_step_s, dtype, gpu, versions, command, and more. Written to
@@ -217,10 +219,12 @@ def gemmatune_run(model, optimizer, pad_id, data, packing, max_seq, args, starte
     enable_gradient_checkpointing(model, checkpointing)
     micro_step = MicroStep(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    replays = []  # per micro-batch: was its shape's graph captured already (replayed) or not (eager / capture)
 
     def one_step():
         step_batches = [next(batches) for _ in range(accum)]
         normalizer = count_label_tokens(step_batches)
+        replays.extend(micro_step._graph_key(b) in micro_step.graphs for b in step_batches)
         loss = sum(micro_step(b, normalizer=normalizer) for b in step_batches)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -229,8 +233,9 @@ def gemmatune_run(model, optimizer, pad_id, data, packing, max_seq, args, starte
         return loss, sum(u for u, _ in counts), sum(c for _, c in counts)
 
     result = timed_steps(one_step, args.warmup, args.steps, started)
+    timed = replays[args.warmup * accum:]
     result.update(graph_captures=len(micro_step.graphs), checkpointing=checkpointing, notes=micro_step.describe(),
-                  micro_batch=[batch, seq], grad_accum=accum)
+                  micro_batch=[batch, seq], grad_accum=accum, replayed_fraction=sum(timed) / max(len(timed), 1))
     return result  # the graphs and their memory pool go with micro_step
 
 
@@ -477,6 +482,7 @@ def main() -> None:
         models = args.models or SETTINGS["text-mix"][0]
         records += [dict(r, dtype="bf16", gpu=gpu, versions=package_versions(), command=command)
                     for r in attention_records(models, args.seed)]
+        torch.cuda.empty_cache()  # the workers get the GPU
     for workload in args.workloads:
         for model in (args.models or SETTINGS[workload][0])[:1 if args.smoke else None]:
             ckpt = checkpoint(workload, model, args)
@@ -498,8 +504,9 @@ def format_row(r: dict) -> str:
     head = f"{r['model']} {r['stack']:9} {r['workload']:10} {r.get('run', ''):6}"
     if "error" in r:
         return f"{head}: ERROR {r['error'][-300:]}"
+    replayed = f" ({r['replayed_fraction']:.0%} replayed)" if "replayed_fraction" in r else ""
     return (f"{head} | {r['useful_tokens_per_s']:8.0f} useful tok/s | padding {r['padding_fraction']:5.1%} | "
-            f"{r['graph_captures']} graphs | peak {r['peak_allocated_gib'] or 0:5.2f} GiB | first step "
+            f"{r['graph_captures']} graphs{replayed} | peak {r['peak_allocated_gib'] or 0:5.2f} GiB | first step "
             f"{r['first_step_s']:5.1f} s | {r['step_s']:.2f} s/step | finite {r['loss_finite']}")
 
 

@@ -11,6 +11,7 @@
     dataset.py      prepare_dataset: all of the above for every row, with a report
     batches.py      prepared rows -> padded tensors (media decoded now); a generation prompt's tensors
     packing.py      prepared rows -> fixed token buffers, rows back to back (train's default)
+    prefetch.py     the next micro-batches collated on a background thread while the GPU trains
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
 modules above it in this list (and gemmatune.errors).

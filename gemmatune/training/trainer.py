@@ -20,6 +20,7 @@ import torch
 
 from gemmatune.data.batches import collate
 from gemmatune.data.packing import pack_length, packed_micro_batches, token_counts
+from gemmatune.data.prefetch import prefetched
 from gemmatune.errors import TrainingSetupError
 from gemmatune.files import check_writable
 from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
@@ -43,13 +44,20 @@ def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: i
     `world * batch_size` rows (buffers) and collates only its own `batch_size` of them (rank r takes
     r*b to r*b+b-1): together the ranks see what one process with batch `world * batch_size`
     sees, in the same order, no row twice in an epoch. A rank whose share of an epoch's short
-    last padded micro-batch is empty gets None for it."""
+    last padded micro-batch is empty gets None for it. The next two steps' micro-batches are
+    collated on a background thread while the current ones train (gemmatune.data.prefetch)."""
     if len(dataset) == 0:
         raise TrainingSetupError("the dataset is empty: there is nothing to train on")
     if config.packing:
         length = pack_length(dataset, config.packing, config.pad_to_multiple_of)
-        yield from packed_micro_batches(dataset, config.batch_size, length, pad_token_id, epoch_seed, rank, world)
-        return
+        batches = packed_micro_batches(dataset, config.batch_size, length, pad_token_id, epoch_seed, rank, world)
+    else:
+        batches = padded_micro_batches(dataset, config, pad_token_id, epoch_seed, rank, world)
+    yield from prefetched(batches, depth=2 * config.grad_accum)
+
+
+def padded_micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int, rank: int, world: int):
+    """micro_batches without packing: `batch_size` rows each, padded to the longest."""
     epoch, size = 0, config.batch_size * world
     while True:
         order = list(range(len(dataset)))

@@ -135,3 +135,28 @@ def test_token_counts_of_padded_batches():
 
     batch = collate(rows_of_lengths([5, 9]), pad_token_id=0, pad_to_multiple_of=8)
     assert token_counts(batch) == (14, 32)
+
+
+def test_prefetched_keeps_the_order_raises_where_the_error_was_and_stops_when_closed():
+    import threading
+
+    from gemmatune.data.prefetch import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("row 4 is broken")
+
+    got = prefetched(failing(), depth=8)
+    assert [next(got) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="row 4 is broken"):
+        next(got)
+
+    endless = prefetched(itertools.count(), depth=2)
+    assert next(endless) == 0
+    endless.close()  # what dropping train()'s micro-batches does
+    for thread in threading.enumerate():
+        if thread.name == "gemmatune-prefetch":
+            thread.join(timeout=2)
+    assert not any(t.name == "gemmatune-prefetch" and t.is_alive() for t in threading.enumerate())
