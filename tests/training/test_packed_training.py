@@ -164,20 +164,28 @@ def test_each_packing_mistake_is_far_beyond_the_tolerance(text_model, monkeypatc
     assert largest_difference(got, expected) > BROKEN
 
 
-def test_both_rope_kinds_get_each_rows_own_positions(text_model):
-    buffers, length = text_buffers()
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_both_rope_kinds_get_each_rows_own_positions(text_model, tiny_tokenizer, kind):
+    if kind == "text":
+        model, (buffers, length) = text_model, text_buffers()
+        text = model.get_base_model().model
+    else:  # the language model of an image model, run on the towers' embeddings
+        model, tokenizer = fine_tuned(load_in_4bit=False, modalities=("text", "image"))
+        rows = media_rows("image", 2, tokenizer)
+        buffers, length = [rows], 256
+        text = multimodal_model(model).language_model
     batch = collate_packed(buffers, 0, length)
-    text = text_model.get_base_model().model
     seen = []
     hook = text.rotary_emb.register_forward_hook(lambda module, args, output: seen.append((args[1], args[2])))
     try:
         with torch.no_grad():
-            causal_lm_loss(text_model, batch, normalizer=1)
+            causal_lm_loss(model, batch, normalizer=1)
     finally:
         hook.remove()
     assert {kind for _, kind in seen} == {"full_attention", "sliding_attention"}
     assert all(torch.equal(positions, batch["position_ids"]) for positions, _ in seen)
-    assert batch["position_ids"][0, 40] == 0  # the second row of the first buffer starts again
+    second_row = len(buffers[0][0]["input_ids"])
+    assert batch["position_ids"][0, second_row] == 0  # the second row of the first buffer starts again
 
 
 # ------------------------------------------------------------------ images and audio
