@@ -16,6 +16,8 @@
                     prompts -> left-padded tensors to generate from (prompt_batch)
     dataset.py      prepare_dataset: every row through the above, with a report; scan_rows (no tokenizer)
     prompts.py      prompts for reinforcement learning (ids + reward columns); the bundled arithmetic prompts
+    packing.py      prepared rows -> fixed token buffers, rows back to back (train's default)
+    prefetch.py     the next micro-batches collated on a background thread while the GPU trains
 
 "How an image becomes tokens" is read by following these modules in order. Each imports only the
 modules above it in this list (and gemmatune.errors).

@@ -19,6 +19,17 @@ arguments where PyTorch ships it (CUDA, sm80+, fp16/bf16), otherwise block by bl
 FlashAttention path is as fast as masked SDPA at training lengths and saves the masks; the block
 path is not known to be fast, so training uses it only where no mask can be built for it.
 
+Packed micro-batches (gemmatune.data.packing: several rows back to back in one buffer, each row
+attending only to itself): the caller hands the attention layers a `PackedDocuments` in place of
+a mask. Sliding layers run FlashAttention-2's variable-length kernel with the same window
+(`packed_window_attention`: each document is its own sequence, the window stays inside it, work
+is that of the documents' windows only, no mask). Full layers keep math attention with a
+block-diagonal causal mask built once per forward from the document ids (`PackedDocuments.mask`):
+the same scores, matmuls and softmax as an unpacked causal row of the same length, so the
+head_dim-512 layers cost what they cost before at equal tokens. Where FlashAttention's varlen
+kernel is unavailable (CPU, a T4, a PyTorch whose private op changed) the sliding layers take the
+block-diagonal mask with their window instead: exact, and as fast as masked SDPA.
+
 Math-attention backward, P = softmax(S), O = P @ V, dO the upstream gradient:
 
     dV = P^T @ dO
@@ -212,3 +223,161 @@ def attention_math(query, key, value, mask, scale: float) -> torch.Tensor:
     groups = query.shape[1] // key.shape[1]
     key, value = _expand_kv(key, groups), _expand_kv(value, groups)
     return MathAttentionFunction.apply(query, key, value, mask, scale)
+
+
+# ------------------------------------------------------------------ packed micro-batches
+class PackedDocuments:
+    """Which tokens of a packed micro-batch may attend to which: each document (a row, or a
+    buffer's padding) causally to itself only. gemmatune.training.loss passes it to the attention
+    layers in place of a mask (KernelGemma4Attention reads it; for stock layers it builds masks).
+
+    document_ids (B, L): the document's index within its buffer (-1 on the padding, one more
+    document); cu_seq_lens (slots + 1,) int32: document starts in the flattened B * L tokens, unused
+    slots repeating the total (gemmatune.data.packing). Masks are built once per forward and kept
+    here, so the recompute of a checkpointed layer and the other layers of the kind reuse them.
+    """
+
+    def __init__(self, document_ids: torch.Tensor, cu_seq_lens: torch.Tensor):
+        self.document_ids = document_ids
+        self.cu_seq_lens = cu_seq_lens
+        self.max_length = document_ids.shape[1]  # no document is longer than a buffer
+        self._masks: dict = {}
+
+    def mask(self, window: int | None = None, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(B, 1, L, L), True where a query may attend a key: the same document, the key not after
+        the query and, with a window, fewer than `window` positions before it (transformers'
+        sliding window). With `additive_dtype`: 0 / the dtype's minimum, for eager attention."""
+        key = (window, additive_dtype)
+        if key not in self._masks:
+            docs = self.document_ids
+            pos = torch.arange(docs.shape[1], device=docs.device)
+            allowed = pos[None, :] <= pos[:, None]
+            if window:
+                allowed = allowed & (pos[None, :] > pos[:, None] - window)
+            mask = (docs[:, None, :, None] == docs[:, None, None, :]) & allowed
+            if additive_dtype is not None:
+                mask = torch.zeros(mask.shape, dtype=additive_dtype, device=mask.device).masked_fill_(
+                    ~mask, torch.finfo(additive_dtype).min)
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def __getitem__(self, index):
+        """transformers' Gemma4TextModel slices every mask with [:, :, slice(0, None), :] before its
+        KV-shared layers when all positions are kept (training): that is this object itself. A slice
+        that drops queries (generation's logits_to_keep) is not something a packed batch does."""
+        full = (slice(None), slice(0, None), slice(None, None, 1), slice(0, None, 1))
+        if isinstance(index, tuple) and all(part in full for part in index):
+            return self
+        raise NotImplementedError(f"a packed micro-batch's attention cannot be sliced with {index!r}")
+
+
+def packed_window_attention(query, key, value, documents: PackedDocuments, window: int, scale: float):
+    """Causal sliding-window attention inside each document of a packed micro-batch, through
+    FlashAttention-2's variable-length kernel: every document is a sequence of its own, so no
+    query sees another row and tiles outside the documents' windows are never computed.
+
+    query (B, L, H, D), key/value (B, L, Hkv, D); returns (B, L, H, D). Needs flash_varlen_works.
+    """
+    return FlashVarlenWindowAttention.apply(query, key, value, documents.cu_seq_lens, documents.max_length,
+                                            window, scale)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, L, H, D) -> (B * L, H, D): a view for the layouts attention produces (tokens outermost)."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+
+def _flash_varlen_forward(q, k, v, cu_seq_lens, max_length, window, scale):
+    # Private ATen op, its variable-length form (what nested-tensor SDPA calls): q/k/v are
+    # (tokens, heads, head_dim), cu_seq_lens int32 document starts, max_length an upper bound.
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length, 0.0, True, False,
+        scale=scale, window_size_left=window - 1, window_size_right=0)
+    return out, lse, rng_state, unused
+
+
+def _flash_varlen_backward(d_out, q, k, v, out, lse, cu_seq_lens, max_length, rng_state, unused, window, scale):
+    return torch.ops.aten._flash_attention_backward(
+        d_out, q, k, v, out, lse, cu_seq_lens, cu_seq_lens, max_length, max_length, 0.0, True, rng_state, unused,
+        scale=scale, window_size_left=window - 1, window_size_right=0)
+
+
+class FlashVarlenWindowAttention(torch.autograd.Function):
+    """FlashAttention-2, variable-length, causal with a window: one launch for all documents."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cu_seq_lens, max_length, window, scale):
+        q, k, v = _flat(query), _flat(key), _flat(value)
+        out, lse, rng_state, unused = _flash_varlen_forward(q, k, v, cu_seq_lens, max_length, window, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seq_lens, rng_state, unused)
+        ctx.shapes = query.shape, key.shape
+        ctx.max_length, ctx.window, ctx.scale = max_length, window, scale
+        return out.view(query.shape)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse, cu_seq_lens, rng_state, unused = ctx.saved_tensors
+        dq, dk, dv = _flash_varlen_backward(_flat(d_out).contiguous(), q, k, v, out, lse, cu_seq_lens, ctx.max_length,
+                                            rng_state, unused, ctx.window, ctx.scale)
+        query_shape, key_shape = ctx.shapes
+        return dq.view(query_shape), dk.view(key_shape), dv.view(key_shape), None, None, None, None
+
+
+def flash_varlen_works(query: torch.Tensor) -> bool:
+    """FlashAttention-2's variable-length kernel with a window is usable for this (B, L, H, D)
+    query: head_dim <= 256 and a multiple of 8, and flash_varlen_available."""
+    head_dim = query.shape[-1]
+    return head_dim <= 256 and head_dim % 8 == 0 and flash_varlen_available(query.device, query.dtype)
+
+
+def flash_varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """flash_window_available, and a probe on this device and dtype computes what the block-diagonal
+    mask computes, forward and backward (a changed private API falls back to the masks)."""
+    if not flash_window_available(device, dtype):
+        return False
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _flash_varlen_probe(device, dtype)
+
+
+@functools.cache
+def _flash_varlen_probe(device: torch.device, dtype: torch.dtype) -> bool:
+    # Two buffers of 12 tokens: documents of 5 and 7, then 12; an empty slot and a repeated total
+    # at the end, as gemmatune.data.packing writes them; window 4, so documents outrun the window.
+    # Plain ops only, no autograd (this may run inside a checkpointed layer's forward).
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 12, 2, 16, generator=gen)
+        k, v, d_out = (torch.randn(2, 12, n, 16, generator=gen) for n in (1, 1, 2))
+        docs = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+        cu = torch.tensor([0, 5, 12, 24, 24, 24], dtype=torch.int32)
+        expected = _reference_packed_window(q, k, v, d_out, PackedDocuments(docs, cu).mask(4), 0.5)
+        with torch.no_grad():
+            q_, k_, v_, d_ = (_flat(t).to(device, dtype) for t in (q, k, v, d_out))
+            cu_ = cu.to(device)
+            out, lse, rng_state, unused = _flash_varlen_forward(q_, k_, v_, cu_, 12, 4, 0.5)
+            grads = _flash_varlen_backward(d_, q_, k_, v_, out, lse, cu_, 12, rng_state, unused, 4, 0.5)
+        got = [out.view(2, 12, 2, 16)] + [g.view(e.shape) for g, e in zip(grads, expected[1:])]
+        return all(bool(((g.float().cpu() - e).abs().max() <= 0.05 * e.abs().max()).item())
+                   for g, e in zip(got, expected))
+    except (RuntimeError, TypeError, AttributeError, ValueError):
+        return False
+
+
+def _reference_packed_window(q, k, v, d_out, mask, scale):
+    """fp32 (out, dq, dk, dv) of masked attention by the formulas of the module docstring; q (B, L, H, D),
+    k/v (B, L, Hkv, D), mask (B, 1, L, L) bool. The probe's oracle."""
+    groups = q.shape[2] // k.shape[2]
+    qh, d_o = q.transpose(1, 2).double(), d_out.transpose(1, 2).double()
+    kh, vh = (_expand_kv(t.transpose(1, 2).double(), groups) for t in (k, v))
+    probs = torch.softmax((qh @ kh.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), dim=-1)
+    out = probs @ vh
+    d_scores = probs * (d_o @ vh.transpose(-1, -2) - (d_o * out).sum(-1, keepdim=True)) * scale
+    dq, dk, dv = d_scores @ kh, d_scores.transpose(-1, -2) @ qh, probs.transpose(-1, -2) @ d_o
+
+    def heads_back(t):  # (B, H, L, D) -> (B, L, Hkv, D), summing each group's heads
+        b, _, length, dim = t.shape
+        return t.view(b, -1, groups, length, dim).sum(2).transpose(1, 2).float()
+
+    return [out.transpose(1, 2).float(), dq.transpose(1, 2).float(), heads_back(dk), heads_back(dv)]

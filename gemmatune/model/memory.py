@@ -20,6 +20,11 @@ The model, in bytes (T = batch x sequence tokens):
                  left-padded batches, and any batch on a GPU without FlashAttention-2's
                  window: CPU, T4): 4 bytes per token pair, fitted on session 2's H200 sweep,
                  which still built them;
+    packed       packed micro-batches (gemmatune.data.packing, `packed=True`): cos/sin per buffer row
+                 instead of one shared row, the full layers' block-diagonal mask (bool, B x L x L) and
+                 its negation, and FlashAttention's variable-length backward workspace (128 rows per
+                 document slot) where the sliding layers take it, else their own window mask and
+                 SDPA's additive copy of it; transformers builds no masks for packed batches;
     loss         one chunk of logits of the fused cross-entropy (its memory budget);
     fp16         the overflow clamp on each layer's output keeps the unclamped output for its
                  backward: one hidden state per layer per token.
@@ -38,15 +43,18 @@ on top come the towers' weights in the compute dtype (plus their projectors), an
                    input plus one layer's activations and their gradients while it is
                    recomputed, and the tower's LoRA weights and optimizer states.
 The image processor pads every image to the budget's patch count (9 x max_soft_tokens), so
-the vision tower's work depends on the budget, not on the image's size. These terms come
+the vision tower's work depends on the budget, not on the image's size. Packed, a buffer holds as
+many media rows as fit (at most seq // the row's media tokens each), all through the tower at once.
+These terms come
 from the tower architectures (media_architecture) scaled by TOWER_ACTIVATION_SCALE, which
 is 1 until the multimodal H200 measurements are committed to fit it.
 """
 import torch
 from torch import nn
 
+from gemmatune.data.packing import rows_per_buffer
 from gemmatune.model import towers
-from gemmatune.model.attention import MATH_SCORES_BUDGET, flash_window_available
+from gemmatune.model.attention import MATH_SCORES_BUDGET, flash_varlen_available, flash_window_available
 
 GIB = 2**30
 ACTIVATION_SCALE = 0.7  # fitted on the H200 measurements, see the module docstring
@@ -57,6 +65,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TOWER_ACTIVATION_SCALE = 1.0  # see the module docstring
 PATCHES_PER_SOFT_TOKEN = 9    # pooling 3 x 3
 MEL_FRAMES_PER_SECOND = 100   # 10 ms hop
+AUDIO_TOKENS_PER_SECOND = 25  # two stride-2 convolutions
+FLASH_ROWS_PER_SLOT = 128     # FlashAttention-2's variable-length backward: dq workspace rows per document slot
 SOFT_TOKEN_BUDGETS = (70, 140, 280, 560, 1120)
 
 
@@ -76,7 +86,12 @@ def architecture(model_or_config, lora_rank: int = 16) -> dict:
     arch = {"quantized": 0, "dense": 0, "lora": 0, "largest_linear": 0, "intermediate": 0, "q_dim": 0,
             "kv_dim": 0, "hidden": config.hidden_size, "layers": config.num_hidden_layers,
             "ple_dim": config.hidden_size_per_layer_input or 0, "heads": config.num_attention_heads,
-            "vocab": config.vocab_size}
+            "vocab": config.vocab_size, "head_dim": 0, "sliding_head_dim": 0}
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        arch["head_dim"] = max(arch["head_dim"], attention.head_dim)
+        if attention.sliding_window:
+            arch["sliding_head_dim"] = max(arch["sliding_head_dim"], attention.head_dim)
     seen = set()
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or "lm_head" in name:
@@ -118,20 +133,39 @@ def math_attention_bytes(arch: dict, seq: int, batch: int) -> int:
     return 2 * scores if scores <= MATH_SCORES_BUDGET else 0
 
 
+def packed_bytes(arch: dict, seq: int, batch: int, dtype_bytes: int = 2) -> float:
+    """What a packed micro-batch of `batch` buffers x `seq` tokens adds (see the module docstring)."""
+    tokens = seq * batch
+    rope = 2 * 2 * tokens * arch["head_dim"] * dtype_bytes  # cos and sin of both layer kinds, per buffer row
+    full_mask = 2 * batch * seq * seq                      # bool, and its negation in masked_fill
+    if arch["sliding_head_dim"] and flash_varlen_available_here():
+        slots = batch * (rows_per_buffer(seq) + 1)
+        sliding = FLASH_ROWS_PER_SLOT * slots * arch["heads"] * arch["sliding_head_dim"] * 4
+    else:
+        sliding = batch * seq * seq * (1 + dtype_bytes)  # bool window mask, SDPA's additive copy
+    return rope + full_mask + sliding
+
+
 def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
                        checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
                        fp16: bool = False, masks: bool | None = None, images: int = 0, max_soft_tokens: int = 280,
-                       audio_seconds: float = 0.0, media: dict | None = None) -> dict:
+                       audio_seconds: float = 0.0, media: dict | None = None, packed: bool = False) -> dict:
     """The predicted peak, by component (bytes); "total" is what to compare with the GPU.
     `masks`: transformers builds seq x seq attention masks, as it does for left-padded
     batches, and for all batches where the sliding layers cannot run without them (see
-    masks_built_here, the default). `images`/`audio_seconds` per row, `media` from
-    media_architecture (default: the model's towers): see the module docstring."""
+    masks_built_here, the default; never for packed batches). `images`/`audio_seconds` per row,
+    `media` from media_architecture (default: the model's towers), `packed`: `batch` buffers of
+    `seq` tokens, as many media rows in each as fit: see the module docstring."""
     arch = arch or architecture(model_or_config, lora_rank)
     media = media if media is not None else media_architecture(model_or_config, lora_rank)
     if masks is None:
-        masks = masks_built_here()
+        masks = masks_built_here() and not packed
     tokens = seq * batch
+    rows = batch  # rows with images or clips in one micro-batch
+    if packed and (images or audio_seconds):
+        media_tokens = images * (max_soft_tokens + 2)  # each image: its soft tokens and two markers
+        media_tokens += audio_seconds * AUDIO_TOKENS_PER_SECOND + 2 if audio_seconds else 0
+        rows = batch * max(1, int(seq // media_tokens))  # as many as fit, as if the rows had no text
     parts = {
         "weights": arch["quantized"] * (0.5 + 1 / 64) + arch["dense"] * dtype_bytes,
         "lora_and_optimizer": arch["lora"] * LORA_BYTES_PER_WEIGHT,
@@ -139,9 +173,10 @@ def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int
         "activations": ACTIVATION_SCALE * tokens * bytes_per_token(arch, checkpointing, dtype_bytes),
         "attention": math_attention_bytes(arch, seq, batch),
         "masks": MASK_BYTES_PER_TOKEN_PAIR * batch * seq * seq if masks else 0,
+        "packing": packed_bytes(arch, seq, batch, dtype_bytes) if packed else 0,
         "loss_chunk": min(CE_BUDGET_MIB * 2**20, tokens * arch["vocab"] * dtype_bytes),
         "fp16_clamps": tokens * arch["layers"] * arch["hidden"] * dtype_bytes if fp16 else 0,
-        **tower_bytes(media, batch * images, max_soft_tokens, batch, audio_seconds, dtype_bytes),
+        **tower_bytes(media, rows * images, max_soft_tokens, rows, audio_seconds, dtype_bytes),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -150,7 +185,8 @@ def predict_peak_bytes(model_or_config, seq: int, batch: int = 1, lora_rank: int
 def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16,
                      checkpointing: str = "offload", dtype_bytes: int = 2, arch: dict | None = None,
                      fp16: bool | None = None, masks: bool | None = None, images: int = 0,
-                     max_soft_tokens: int = 280, audio_seconds: float = 0.0, media: dict | None = None) -> float:
+                     max_soft_tokens: int = 280, audio_seconds: float = 0.0, media: dict | None = None,
+                     packed: bool = False) -> float:
     """Predict a training step's peak GPU memory (GiB) from the model's configuration alone.
 
     Args:
@@ -162,6 +198,8 @@ def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int =
         masks: whether seq x seq attention masks are built (default: as on this machine's GPU).
         images, max_soft_tokens: images per row and their soft-token budget.
         audio_seconds: seconds of audio per row. media: a precomputed media_architecture().
+        packed: `batch` packed buffers of `seq` tokens (train's default, gemmatune.data.packing),
+            each holding as many rows with those images/clips as fit.
 
     Returns:
         The predicted peak allocated memory in GiB (tests/model/test_memory.py holds it within 10%
@@ -170,7 +208,7 @@ def predict_peak_gib(model_or_config, seq: int, batch: int = 1, lora_rank: int =
     if fp16 is None:
         fp16 = _computes_in_fp16(model_or_config)
     parts = predict_peak_bytes(model_or_config, seq, batch, lora_rank, checkpointing, dtype_bytes, arch, fp16,
-                               masks, images, max_soft_tokens, audio_seconds, media)
+                               masks, images, max_soft_tokens, audio_seconds, media, packed)
     return parts["total"] / GIB
 
 
@@ -260,6 +298,15 @@ def masks_built_here() -> bool:
     return not flash_window_available(torch.device("cuda"), dtype)
 
 
+def flash_varlen_available_here() -> bool:
+    """Whether packed batches' sliding layers run FlashAttention-2's variable-length window on this
+    machine's GPU (gemmatune.model.attention.flash_varlen_works), so no window mask is built."""
+    if not torch.cuda.is_available():
+        return False
+    dtype = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+    return flash_varlen_available(torch.device("cuda"), dtype)
+
+
 def _computes_in_fp16(model_or_config) -> bool:
     if not isinstance(model_or_config, nn.Module):
         return False
@@ -286,17 +333,18 @@ def longest_fitting_seq(model_or_config, budget_gib: float, batch: int = 1, lora
 
 def check_fits(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16, checkpointing: str = "offload",
                free_gib: float | None = None, headroom: float = 0.9, arch: dict | None = None, images: int = 0,
-               max_soft_tokens: int = 280, audio_seconds: float = 0.0) -> str | None:
+               max_soft_tokens: int = 280, audio_seconds: float = 0.0, packed: bool = False) -> str | None:
     """A warning with a suggestion when the step is predicted not to fit, else None.
     `free_gib`: memory the training may use (default: this GPU's free memory plus what the
     model already holds). With images or audio the suggestion is a smaller soft-token budget
-    or shorter clips where one fits, else a shorter sequence."""
+    or shorter clips where one fits, else a shorter sequence. `packed`: batch x seq are packed
+    buffers (train's default)."""
     free_gib = usable_gib() if free_gib is None else free_gib
     if free_gib is None:
         return None
     arch = arch or architecture(model_or_config, lora_rank)
     media = media_architecture(model_or_config, lora_rank)
-    rows = dict(images=images, max_soft_tokens=max_soft_tokens, audio_seconds=audio_seconds)
+    rows = dict(images=images, max_soft_tokens=max_soft_tokens, audio_seconds=audio_seconds, packed=packed)
 
     def need(seq_=seq, **changes):
         return predict_peak_gib(model_or_config, seq_, batch, lora_rank, checkpointing, arch=arch, media=media,
@@ -305,8 +353,8 @@ def check_fits(model_or_config, seq: int, batch: int = 1, lora_rank: int = 16, c
     budget = free_gib * headroom
     if need() <= budget:
         return None
-    what = (f"batch {batch} x {seq} tokens" + (f" with {images} image(s) per row at {max_soft_tokens} soft tokens"
-                                               if images else "")
+    what = (f"{'packed ' if packed else ''}batch {batch} x {seq} tokens"
+            + (f" with {images} image(s) per row at {max_soft_tokens} soft tokens" if images else "")
             + (f" with {audio_seconds:g} s of audio per row" if audio_seconds else ""))
     start = f"predicted peak {need():.1f} GiB for {what} does not fit the {free_gib:.1f} GiB this GPU has: "
     if images:
@@ -330,11 +378,12 @@ def usable_gib() -> float | None:
     return (torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()) / GIB
 
 
-def choose_checkpointing(model, seq: int, batch: int = 1, lora_rank: int = 16, free_gib: float | None = None) -> str:
+def choose_checkpointing(model, seq: int, batch: int = 1, lora_rank: int = 16, free_gib: float | None = None,
+                         packed: bool = False) -> str:
     """"on" (saved layer inputs stay on the GPU: no copies, faster) when that is predicted to
     use at most 70% of the usable GPU memory, else "offload" (inputs in CPU memory)."""
     free_gib = usable_gib() if free_gib is None else free_gib
     if free_gib is None:
         return "offload"
-    need = predict_peak_gib(model, seq, batch, lora_rank, checkpointing="on")
+    need = predict_peak_gib(model, seq, batch, lora_rank, checkpointing="on", packed=packed)
     return "on" if need <= 0.7 * free_gib else "offload"

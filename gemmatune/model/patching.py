@@ -13,7 +13,10 @@ What gets swapped (each kernel is exact against its PyTorch reference, see tests
 - Gemma4TextAttention (training forward) -> fused q/k RMSNorm + RoPE kernel, weightless
   v_norm kernel, math attention for head_dim 512 (SDPA's backward is slow there), and,
   when the caller passes no masks (builds_own_masks: sm80+ GPUs), sliding layers that
-  compute only their window through FlashAttention-2's window;
+  compute only their window through FlashAttention-2's window; packed micro-batches (a
+  PackedDocuments in place of the mask, each row attending only to itself): sliding layers
+  through FlashAttention-2's variable-length window, full layers through math attention with
+  a block-diagonal mask (gemmatune.model.attention);
 - peft's LoRA-on-4-bit layers (after add_lora) -> NF4 dequant + matmul + LoRA in one
   autograd function that does not keep the dequantised weight alive for the backward;
 - always, kernels on or off: every bitsandbytes Linear4bit -> NF4Linear4bit, gemmatune's own
@@ -44,6 +47,7 @@ import torch
 from torch import nn
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
+from gemmatune.errors import GemmatuneError
 from gemmatune.kernels._backend import kernels_enabled
 from gemmatune.kernels.decode_attention import decode_attention_forward, decode_attention_supported
 from gemmatune.kernels.geglu import geglu
@@ -53,8 +57,8 @@ from gemmatune.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_pair
 from gemmatune.kernels.rms_norm import rms_norm
 from gemmatune.model import towers
 from gemmatune.model.activation_checkpointing import CheckpointedAudioLayer
-from gemmatune.model.attention import (attention_math, flash_window_available, sliding_window_attention,
-                                       use_math_attention)
+from gemmatune.model.attention import (PackedDocuments, attention_math, flash_varlen_works, flash_window_available,
+                                       packed_window_attention, sliding_window_attention, use_math_attention)
 
 FP16_LIMIT = torch.finfo(torch.float16).max - 1000  # headroom so the next add stays finite
 
@@ -90,6 +94,14 @@ class KernelGemma4Attention(hf_gemma4.Gemma4TextAttention):
         query, key, value = _query_key_value(self, hidden_states, position_embeddings, shared_kv_states)
         if self.store_full_length_kv:
             shared_kv_states[self.layer_type] = key, value
+        if isinstance(attention_mask, PackedDocuments):  # several rows per buffer, each attending to itself
+            documents = attention_mask
+            if self.sliding_window is not None and flash_varlen_works(query.transpose(1, 2)):
+                out = packed_window_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                              documents, self.sliding_window, self.scaling)
+                return self.o_proj(out.reshape(*input_shape, -1).contiguous()), None
+            eager = self.config._attn_implementation == "eager" and not use_math_attention(query, key)
+            attention_mask = documents.mask(self.sliding_window, query.dtype if eager else None)
         if self.sliding_window is not None and attention_mask is None and key.shape[2] > self.sliding_window:
             # no mask built (see builds_own_masks): only the window's scores are computed
             out = sliding_window_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
@@ -165,6 +177,28 @@ def builds_own_masks(text_model: nn.Module) -> bool:
     attention = [m for m in text_model.modules() if isinstance(m, hf_gemma4.Gemma4TextAttention)]
     flash_head = all(m.head_dim <= 256 and m.head_dim % 8 == 0 for m in attention if m.sliding_window)
     return bool(attention) and flash_head and all(type(m) is KernelGemma4Attention for m in attention)
+
+
+def packed_attention_masks(text_model: nn.Module, documents: PackedDocuments) -> dict:
+    """The `attention_mask` a Gemma4TextModel takes for a packed micro-batch (gemmatune.data.packing):
+    `documents` itself for every layer kind where every attention layer is KernelGemma4Attention
+    (which keeps rows apart without seq x seq masks where it can: gemmatune.model.attention), else
+    block-diagonal masks in the form transformers' stock attention takes (kernels off).
+
+    Raises:
+        GemmatuneError: stock attention layers with an implementation other than sdpa or eager.
+    """
+    kinds = set(text_model.config.layer_types)
+    attention = [m for m in text_model.modules() if isinstance(m, hf_gemma4.Gemma4TextAttention)]
+    if attention and all(type(m) is KernelGemma4Attention for m in attention):
+        return {kind: documents for kind in kinds}
+    implementation = text_model.config._attn_implementation
+    if implementation not in ("sdpa", "eager"):
+        raise GemmatuneError(f"packed batches need sdpa or eager attention, the model uses {implementation!r}: "
+                             "train with packing=False, or load the model with attn_implementation='sdpa'")
+    additive = text_model.embed_tokens.weight.dtype if implementation == "eager" else None
+    window = text_model.config.sliding_window
+    return {kind: documents.mask(window if kind == "sliding_attention" else None, additive) for kind in kinds}
 
 
 def _lora_4bit_class():

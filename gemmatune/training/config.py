@@ -17,6 +17,9 @@ class TrainConfig:
     fused_loss: bool = True        # fused linear cross-entropy (never materialises logits)
     cuda_graphs: bool = True       # replay each batch shape's forward+backward as a CUDA graph
     pad_to_multiple_of: int = 64   # round batch lengths up: fewer distinct shapes to capture
+    packing: bool | int = True     # rows back to back in batch_size buffers of max_seq_length tokens (at most twice
+                                   # the longest row), each row attending to itself; an int: tokens per buffer;
+                                   # False: pad each micro-batch to its longest row
     seed: int = 3407
     output_dir: str = "outputs"
     save_every: int = 0            # checkpoint every N steps (0: only when the run is stopped or fails)

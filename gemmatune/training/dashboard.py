@@ -1,7 +1,8 @@
 """Live training dashboard: a widget in Jupyter, progress lines elsewhere, nothing when off.
 
     dash = make_dashboard(total_steps, title="gemmatune", mode="auto")  # auto|widget|text|off
-    dash.update(step, loss, lr, tokens, grad_norm=None, ranks=None, extra=None)  # once per optimizer step
+    dash.update(step, loss, lr, tokens, grad_norm=None, ranks=None, extra=None,  # once per optimizer step
+                useful_tokens=None, computed_tokens=None)  # tokens of rows / all computed (padding = the rest)
     dash.note("checkpoint saved to ...")
     summary = dash.close("done")                          # done|interrupted|failed -> TrainingSummary
 
@@ -119,6 +120,8 @@ class TrainingSummary:
     status: str
     per_rank: list | None = None  # several processes: [(tokens/s, GiB)] of each rank
     value_name: str = "loss"      # what first_loss / last_loss hold ("reward" for GRPO)
+    useful_tokens_per_s: float | None = None  # tokens of rows (prompts, answers, media) per second
+    padding_fraction: float | None = None     # of the tokens computed, the share that was padding
 
     def rows(self) -> list[tuple[str, str]]:
         vram = "n/a (no CUDA)" if self.peak_vram_allocated_gib is None else (
@@ -127,7 +130,9 @@ class TrainingSummary:
                 ("wall time", _hms(self.wall_time_s)),
                 ("tokens trained", f"{self.tokens_trained:,} ({self.tokens_per_s:,.0f} tok/s)"),
                 (f"{self.value_name} first → last", f"{_f(self.first_loss, '.4f')} → {_f(self.last_loss, '.4f')}"),
-                ("peak VRAM", vram)] + ([("per rank", rank_summary(self.per_rank))] if self.per_rank else [])
+                ("peak VRAM", vram)] + ([("per rank", rank_summary(self.per_rank))] if self.per_rank else []) + (
+            [("useful tokens", f"{self.useful_tokens_per_s:,.0f} tok/s, {self.padding_fraction:.1%} padding")]
+            if self.padding_fraction is not None else [])
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -151,6 +156,8 @@ class Dashboard:
         self._recent: deque = deque(maxlen=window + 1)  # (time, step, tokens) of the last steps
         self._rank_tokens: deque = deque(maxlen=window)  # several processes: each rank's tokens, same steps
         self.rank_memory: list[float] = []                # and each rank's GiB at the last step
+        self._useful: deque = deque(maxlen=window)        # tokens of rows of the same steps, when given
+        self.useful_tokens = self.computed_tokens = 0
         self._show("open")
 
     def elapsed(self) -> float:
@@ -160,6 +167,15 @@ class Dashboard:
         r = self._recent
         dt = r[-1][0] - r[0][0] if r else 0.0
         return sum(k for _, _, k in list(r)[1:]) / dt if dt > 0 else 0.0
+
+    def useful_tokens_per_s(self) -> float | None:
+        """Tokens of rows (not padding) per second over the same window as tokens_per_s."""
+        r = self._recent
+        dt = r[-1][0] - r[0][0] if r else 0.0
+        return None if not self._useful else sum(self._useful) / dt if dt > 0 else 0.0
+
+    def padding_fraction(self) -> float | None:
+        return 1 - self.useful_tokens / self.computed_tokens if self.computed_tokens else None
 
     def rank_rates(self) -> list[tuple[float, float]]:
         """[(tokens/s, GiB)] of each rank over the same window as tokens_per_s (empty: one process)."""
@@ -177,7 +193,8 @@ class Dashboard:
         return (r[-1][0] - r[0][0]) / (r[-1][1] - r[0][1]) * max(self.total_steps - self.steps, 0)
 
     def update(self, step: int, loss: float, lr: float, tokens: int, grad_norm: float | None = None,
-               ranks: list | None = None, extra: dict | None = None) -> None:
+               ranks: list | None = None, extra: dict | None = None, useful_tokens: int | None = None,
+               computed_tokens: int | None = None) -> None:
         if self.summary is not None:
             return
         try:
@@ -195,6 +212,10 @@ class Dashboard:
             if ranks:
                 self._rank_tokens.append([int(t) for t, _ in ranks])
                 self.rank_memory = [float(gib) for _, gib in ranks]
+            if computed_tokens:
+                self._useful.append(int(useful_tokens))
+                self.useful_tokens += int(useful_tokens)
+                self.computed_tokens += int(computed_tokens)
         except Exception as e:  # a bad value costs one point on the dashboard, not the run
             return print(f"[{self.title}] dashboard: bad update() values ({e!r})", file=sys.stderr)
         self._show("step", self.steps >= self.total_steps)
@@ -209,7 +230,8 @@ class Dashboard:
             self.summary = TrainingSummary(
                 self.steps, self.total_steps, wall, self.tokens, self.tokens / wall if wall > 0 else 0.0,
                 self.first_loss, self.last_loss, mem.peak_allocated_gib, mem.peak_reserved_gib, status,
-                self.rank_rates() or None, self.value_name)
+                self.rank_rates() or None, self.value_name,
+                self.useful_tokens / wall if self.computed_tokens and wall > 0 else None, self.padding_fraction())
             self._show("close", self.summary)
         return self.summary
 
@@ -310,6 +332,8 @@ def progress_line(d: Dashboard, with_step: bool = True) -> str:
     parts = [f"step {d.steps}/{d.total_steps}" if with_step else "",
              f"{d.value_name} {_f(d.last_loss, '.3f')} (avg {_f(d.ema, '.3f')})",
              f"lr {_f(d.lr, '.1e')}", f"{d.tokens_per_s():,.0f} tok/s",
+             "" if d.padding_fraction() is None else
+             f"{d.useful_tokens_per_s():,.0f} useful tok/s ({d.padding_fraction():.0%} padding)",
              "" if d.grad_norm is None else f"grad {d.grad_norm:.2f}", mem, f"ETA {_hms(d.eta_s())}",
              f"ranks {rank_summary(d.rank_rates())}" if d.rank_memory else ""]
     parts += [f"{name} {extra_value(value)}" for name, value in d.extra.items()]
@@ -416,6 +440,9 @@ class _WidgetView:
                  _tile("learning rate", _f(d.lr, ".2e")),
                  _tile("tokens / s", f"{d.tokens_per_s():,.0f}", f"{d.tokens:,} total"),
                  _tile("grad norm", _f(d.grad_norm, ".3f")), mem]
+        if d.padding_fraction() is not None:
+            tiles.append(_tile("useful tokens / s", f"{d.useful_tokens_per_s():,.0f}",
+                               f"{d.padding_fraction():.1%} padding"))
         if d.rank_memory:  # several processes: one line per rank
             tiles.append(_tile("ranks", f"{len(d.rank_memory)} processes", "<br>".join(
                 html.escape(line) for line in rank_summary(d.rank_rates()).split(" · "))))

@@ -13,6 +13,11 @@ gemmatune.model.towers turns the batch into input embeddings (images' and clips'
 their placeholders' positions, frozen towers under no_grad), then the language model runs on
 them (`language_model_loss`, which gemmatune.training.step can replay as a CUDA graph). Labels are
 the data's: gemmatune.data never puts a label on a placeholder, so no soft token is trained.
+
+Packed micro-batches (gemmatune.data.packing) take the same path: several rows per buffer, with
+position_ids that restart at every row and the rows' documents handed to the attention layers
+(`attention_arguments`), so each row is computed as if it were alone, and the normaliser is the
+label-token count of the whole step as for padded batches.
 """
 import torch
 import torch.nn.functional as F
@@ -21,9 +26,11 @@ from torch import nn
 from gemmatune.kernels.fused_linear_ce import (fused_linear_cross_entropy, fused_linear_logprobs,
                                                fused_linear_logprobs_reference)
 from gemmatune.model import towers
-from gemmatune.model.patching import builds_own_masks
+from gemmatune.model.attention import PackedDocuments
+from gemmatune.model.patching import builds_own_masks, packed_attention_masks
 
 IGNORE_INDEX = -100
+PACKING_KEYS = ("position_ids", "document_ids", "cu_seq_lens")  # a packed micro-batch (gemmatune.data.packing)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -67,8 +74,29 @@ def without_needless_mask(batch: dict) -> dict:
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model is called with: the batch minus labels and any needless mask."""
-    return {k: v for k, v in without_needless_mask(batch).items() if k != "labels"}
+    """What the model is called with: the batch minus labels, packing's document table and any
+    needless mask (a packed batch's position_ids stay: they restart at every row)."""
+    return {k: v for k, v in without_needless_mask(batch).items() if k not in ("labels", *PACKING_KEYS[1:])}
+
+
+def is_packed(batch: dict) -> bool:
+    return all(batch.get(key) is not None for key in PACKING_KEYS)
+
+
+def attention_arguments(text_model: nn.Module, batch: dict) -> dict:
+    """attention_mask (and, packed, position_ids) for a Gemma4TextModel run on `batch`.
+
+    Packed: position_ids restarting per row (both RoPE kinds) and the rows' documents, which
+    the attention layers keep apart (gemmatune.model.patching.packed_attention_masks). Padded:
+    the batch's mask, or none at all for a right-padded batch, or, where the layers apply
+    causality and the window themselves (builds_own_masks), no masks built by transformers."""
+    if is_packed(batch):
+        documents = PackedDocuments(batch["document_ids"], batch["cu_seq_lens"])
+        return {"attention_mask": packed_attention_masks(text_model, documents), "position_ids": batch["position_ids"]}
+    mask = without_needless_mask(batch).get("attention_mask")
+    if mask is None and builds_own_masks(text_model):
+        return {"attention_mask": {kind: None for kind in set(text_model.config.layer_types)}}
+    return {"attention_mask": mask} if mask is not None else {}
 
 
 def causal_lm_loss(model: nn.Module, batch: dict, normalizer: float, fused: bool = True) -> torch.Tensor:
@@ -98,33 +126,32 @@ def last_hidden_states(model: nn.Module, batch: dict) -> torch.Tensor:
         inputs = without_needless_mask(batch)
         embeds = towers.embed_inputs(inner, inputs)
         text_ids = towers.text_token_ids(inputs["input_ids"], base.config)
-        return language_model_hidden_states(base, embeds, text_ids, attention_mask=inputs.get("attention_mask"))
-    inputs = model_inputs(batch)
-    if "attention_mask" not in inputs and builds_own_masks(base.model):
-        inputs["attention_mask"] = {kind: None for kind in set(base.config.get_text_config().layer_types)}
+        return language_model_hidden_states(base, embeds, text_ids, batch=inputs)
+    inputs = {k: v for k, v in model_inputs(batch).items() if k != "attention_mask"}
+    inputs.update(attention_arguments(base.model, batch))
     return base.model(**inputs, use_cache=False).last_hidden_state
 
 
 def language_model_loss(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: torch.Tensor, labels: torch.Tensor,
-                        normalizer, fused: bool = True, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                        normalizer, fused: bool = True, batch: dict | None = None) -> torch.Tensor:
     """The loss of a Gemma4ForConditionalGeneration's language model run on `inputs_embeds`
     (from towers.embed_inputs); `text_ids` (placeholders as the pad id) pick the per-layer
-    embeddings. No attention mask means a right-padded batch (see without_needless_mask)."""
-    hidden = language_model_hidden_states(base, inputs_embeds, text_ids, attention_mask)
+    embeddings; `batch` gives the attention (attention_arguments: a mask, or a packed batch's
+    position_ids and documents). No mask means a right-padded batch (see without_needless_mask)."""
+    hidden = language_model_hidden_states(base, inputs_embeds, text_ids, batch)
     return hidden_states_loss(base, hidden, labels, normalizer, fused)
 
 
 def language_model_hidden_states(base: nn.Module, inputs_embeds: torch.Tensor, text_ids: torch.Tensor,
-                                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """A Gemma4ForConditionalGeneration's language model on `inputs_embeds`: its last hidden states."""
+                                 batch: dict | None = None) -> torch.Tensor:
+    """A Gemma4ForConditionalGeneration's language model on `inputs_embeds`: its last hidden states.
+    Per-layer embeddings are per token, so they stay each row's own in a packed batch."""
     text_model = base.model.language_model
     per_layer_inputs = None
     if text_model.hidden_size_per_layer_input:  # (ids, None): transformers 5.17 has no default for the second
         per_layer_inputs = text_model.get_per_layer_inputs(text_ids, None)
-    if attention_mask is None and builds_own_masks(text_model):
-        attention_mask = {kind: None for kind in set(text_model.config.layer_types)}
-    return text_model(inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, attention_mask=attention_mask,
-                      use_cache=False).last_hidden_state
+    return text_model(inputs_embeds=inputs_embeds, per_layer_inputs=per_layer_inputs, use_cache=False,
+                      **attention_arguments(text_model, batch or {})).last_hidden_state
 
 
 def hidden_states_loss(base: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, normalizer,

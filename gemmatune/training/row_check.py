@@ -4,9 +4,11 @@ prepare_dataset reads only the headers of images and clips unless it verifies th
 on with skip_bad_rows=True), because decoding a large dataset takes time. A file cut off after an
 intact header then passes, and used to stop training at the batch that held it. When a dataset
 with media was not verified, `train` reads its rows through `DecodableRows`: the first time a row
-is used its media are decoded once; a row that fails is replaced by the next row that decodes, and
-counted by reason (`rows_skipped`, in the result and the report printed at the end). The
-replacement is the same every time, so resuming replays the same data order.
+is used its media are decoded once; a row that fails is replaced by the next row that decodes
+(padded micro-batches) or left out of its buffer (packed ones, whose buffers were planned from the
+rows' lengths: a replacement of another length could not fit), and counted by reason
+(`rows_skipped`, in the result and the report printed at the end). Either way it is the same every
+time, so resuming replays the same data order.
 """
 from gemmatune.data.audio import load_audio
 from gemmatune.data.images import ImageRef, load_image
@@ -23,8 +25,8 @@ def needs_decode_check(dataset) -> bool:
 class DecodableRows:
     """A view of a prepared dataset in which every row's media decode (see the module docstring)."""
 
-    def __init__(self, dataset, say=print):
-        self.dataset, self.say = dataset, say
+    def __init__(self, dataset, say=print, replace: bool = True):
+        self.dataset, self.say, self.replace = dataset, say, replace
         self.good: set[int] = set()
         self.bad: set[int] = set()
         self.rows_skipped: dict[str, int] = {}  # reason -> count
@@ -32,10 +34,23 @@ class DecodableRows:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> list[int]:
+        """Every row's token count, read without decoding anything (what packing plans with)."""
+        return [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
+
+    def __getitem__(self, index: int) -> dict | None:
+        """The row at `index`, or (its media broken) the next row that decodes; None instead when
+        replace=False."""
+        if not 0 <= index < len(self.dataset):
+            raise IndexError(index)
         for offset in range(len(self.dataset)):
             candidate = (index + offset) % len(self.dataset)
             if candidate in self.bad:
+                if not self.replace:
+                    return None
                 continue
             row = self.dataset[candidate]
             if candidate in self.good or not row.get("media"):
@@ -50,6 +65,8 @@ class DecodableRows:
                 self.bad.add(candidate)
                 self.rows_skipped[error.reason] = self.rows_skipped.get(error.reason, 0) + 1
                 self.say(f"gemmatune: skipped a row whose media does not decode: {error}")
+                if not self.replace:
+                    return None
                 continue
             self.good.add(candidate)
             return row

@@ -23,6 +23,10 @@ keyed by the token shape, holds the language model run on the input embeddings t
 buffer before each replay. That needs the towers frozen (their output a leaf); with tower
 adapters the whole step runs eagerly.
 
+Packed micro-batches (gemmatune.data.packing, train's default) have one shape for the whole run,
+so one capture: their position_ids, document_ids and cu_seq_lens are more input buffers of the
+graph, copied in before each replay like the tokens (the masks built from them are in the graph).
+
 When a step is not graphed (it runs eagerly, with the same result): no CUDA, the model
 not in training mode, LoRA dropout (its random masks would be frozen into the graph),
 the plain-PyTorch loss (fused=False), images/audio with a trained tower, or a left-padded
@@ -36,10 +40,18 @@ from gemmatune.kernels import lora_nf4_linear
 from gemmatune.model import towers
 from gemmatune.model.activation_checkpointing import OffloadedCheckpoint
 from gemmatune.model.ple import HostEmbedding
-from gemmatune.training.loss import causal_lm_loss, is_right_padded, language_model_loss, unwrap, without_needless_mask
+from gemmatune.training.loss import (
+    PACKING_KEYS,
+    causal_lm_loss,
+    is_packed,
+    is_right_padded,
+    language_model_loss,
+    unwrap,
+    without_needless_mask,
+)
 
 MAX_GRAPHS = 8  # batch shapes kept; later new shapes run eagerly
-TEXT_KEYS = {"input_ids", "labels", "attention_mask"}
+TEXT_KEYS = {"input_ids", "labels", "attention_mask", *PACKING_KEYS}
 MEDIA_KEYS = TEXT_KEYS | {"pixel_values", "image_position_ids", "input_features", "input_features_mask",
                           "mm_token_type_ids"}
 
@@ -62,9 +74,10 @@ def why_not_graphed(model: nn.Module, fused: bool) -> str | None:
 class _Graph:
     """One captured micro-step and the buffers it reads and writes."""
 
-    def __init__(self, input_ids, labels, normalizer, staged, keep_alive):
+    def __init__(self, input_ids, labels, normalizer, staged, keep_alive, packing=None):
         self.graph = torch.cuda.CUDAGraph()
         self.input_ids, self.labels, self.normalizer = input_ids, labels, normalizer
+        self.packing = packing or {}  # packed batches: position_ids, document_ids, cu_seq_lens buffers
         self.inputs_embeds = None     # image/audio graphs: the embeddings buffer the towers' output goes into
         self.staged = staged          # HostEmbedding -> pinned rows buffer the graph copies from
         self.keep_alive = keep_alive  # host/device buffers whose addresses the graph recorded
@@ -132,13 +145,14 @@ class MicroStep:
             return None
         if not is_right_padded(batch.get("attention_mask")):
             return None
+        packed = ("packed", len(batch["cu_seq_lens"])) if is_packed(batch) else ()
         if towers.has_media(batch):
             if self.inner is None or self.towers_trained or set(batch) - MEDIA_KEYS:
                 return None  # a trained tower's backward runs after the graph's: eager
-            return ("embeds", *batch["input_ids"].shape)
+            return ("embeds", *batch["input_ids"].shape, *packed)
         if set(batch) - TEXT_KEYS:
             return None
-        return ("ids", *batch["input_ids"].shape)
+        return ("ids", *batch["input_ids"].shape, *packed)
 
     # -- graphs ------------------------------------------------------------------------
     def _capture(self, batch: dict) -> _Graph:
@@ -154,7 +168,7 @@ class MicroStep:
         g = _Graph(
             input_ids=ids.to(self.device), labels=batch["labels"].to(self.device),
             normalizer=torch.zeros((), dtype=torch.float32, device=self.device), staged=staged,
-            keep_alive=[],
+            keep_alive=[], packing={k: batch[k].to(self.device) for k in PACKING_KEYS if is_packed(batch)},
         )
         if media:
             g.inputs_embeds = self._media_embeddings(batch)
@@ -167,9 +181,9 @@ class MicroStep:
             with torch.cuda.graph(g.graph, pool=self.pool):
                 if media:
                     loss = language_model_loss(unwrap(self.model), g.inputs_embeds, g.input_ids, g.labels,
-                                               normalizer=g.normalizer, fused=True)
+                                               normalizer=g.normalizer, fused=True, batch=g.packing)
                 else:
-                    loss = causal_lm_loss(self.model, {"input_ids": g.input_ids, "labels": g.labels},
+                    loss = causal_lm_loss(self.model, {"input_ids": g.input_ids, "labels": g.labels, **g.packing},
                                           normalizer=g.normalizer, fused=True)
                 loss.backward()
         finally:
@@ -204,6 +218,8 @@ class MicroStep:
             m.gather(ids, out=rows)
         g.input_ids.copy_(ids, non_blocking=True)
         g.labels.copy_(batch["labels"], non_blocking=True)
+        for key, buffer in g.packing.items():
+            buffer.copy_(batch[key], non_blocking=True)
         g.normalizer.fill_(float(normalizer))
         g.reattach_grads()
         g.graph.replay()

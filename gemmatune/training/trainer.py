@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 from gemmatune.data.batches import collate
+from gemmatune.data.packing import pack_length, packed_micro_batches, token_counts
+from gemmatune.data.prefetch import prefetched
 from gemmatune.errors import TrainingSetupError
 from gemmatune.files import check_writable, remove_partials
 from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
@@ -45,13 +47,26 @@ from gemmatune.training.stop_signals import StopSignals, signal_name
 def micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int, rank: int = 0, world: int = 1):
     """Endless shuffled micro-batches; each epoch reshuffles with its own seed.
 
-    With several processes every rank walks the same order in global micro-batches of
-    `world * batch_size` rows and collates only its own `batch_size` of them (rank r takes rows
+    Packed (config.packing, the default): `batch_size` buffers of pack_length tokens each, rows
+    back to back (gemmatune.data.packing). Padded: `batch_size` rows, each micro-batch padded to its
+    longest row. With several processes every rank walks the same order in global micro-batches of
+    `world * batch_size` rows (buffers) and collates only its own `batch_size` of them (rank r takes
     r*b to r*b+b-1): together the ranks see what one process with batch `world * batch_size`
     sees, in the same order, no row twice in an epoch. A rank whose share of an epoch's short
-    last micro-batch is empty gets None for it."""
+    last padded micro-batch is empty gets None for it. The next two steps' micro-batches are
+    collated on a background thread while the current ones train (gemmatune.data.prefetch)."""
     if len(dataset) == 0:
         raise TrainingSetupError("the dataset is empty: there is nothing to train on")
+    if config.packing:
+        length = pack_length(dataset, config.packing, config.pad_to_multiple_of)
+        batches = packed_micro_batches(dataset, config.batch_size, length, pad_token_id, epoch_seed, rank, world)
+    else:
+        batches = padded_micro_batches(dataset, config, pad_token_id, epoch_seed, rank, world)
+    yield from prefetched(batches, depth=2 * config.grad_accum)
+
+
+def padded_micro_batches(dataset, config: TrainConfig, pad_token_id: int, epoch_seed: int, rank: int, world: int):
+    """micro_batches without packing: `batch_size` rows each, padded to the longest."""
     epoch, size = 0, config.batch_size * world
     while True:
         order = list(range(len(dataset)))
@@ -137,14 +152,18 @@ def _run(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, dev
         check_space(model, tokenizer, config, state.step)
     for param in model.parameters():  # a backward run before train() must not leak into step 1
         param.grad = None
-    rows = DecodableRows(dataset, say) if needs_decode_check(dataset) else dataset
+    rows = DecodableRows(dataset, say, replace=not config.packing) if needs_decode_check(dataset) else dataset
     batches = micro_batches(rows, config, pad_id, config.seed, ranks.rank, ranks.world)
     for _ in range(state.step * config.grad_accum):  # replay the data order when resuming
         next(batches)
     longest = getattr(model, "gemmatune_max_seq_length", None) or 2048  # prepare_dataset's limit
+    if config.packing:  # every micro-batch has this shape
+        longest = pack_length(dataset, config.packing, config.pad_to_multiple_of)
     if config.gradient_checkpointing == "auto":  # "on" when it comfortably fits, else "offload"
-        config.gradient_checkpointing = choose_checkpointing(model, longest, config.batch_size)
-    warning = check_fits(model, longest, config.batch_size, checkpointing=config.gradient_checkpointing)
+        config.gradient_checkpointing = choose_checkpointing(model, longest, config.batch_size,
+                                                             packed=bool(config.packing))
+    warning = check_fits(model, longest, config.batch_size, checkpointing=config.gradient_checkpointing,
+                         packed=bool(config.packing))
     if warning:
         say(f"gemmatune: WARNING: {warning}")
     enable_gradient_checkpointing(model, config.gradient_checkpointing)
@@ -168,6 +187,9 @@ def _run(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, dev
                 group["lr"] = lr
             step_batches = [b for b in (next(batches) for _ in range(config.grad_accum)) if b is not None]
             local_tokens = count_label_tokens(step_batches)
+            counts = [token_counts(b) for b in step_batches]  # (tokens of rows, tokens computed)
+            useful = ranks.sum_count(sum(rows for rows, _ in counts))  # the rest of the computed tokens is padding
+            computed = ranks.sum_count(sum(tokens for _, tokens in counts))
             n_tokens = ranks.sum_count(local_tokens)  # the label tokens of the whole step, all ranks
             loss_sum = torch.zeros((), device=device)
             for batch in step_batches:
@@ -183,7 +205,8 @@ def _run(model, dataset, tokenizer, config: TrainConfig, resume_from, ranks, dev
                 state.losses.append(loss)
             step_seconds.append(time.perf_counter() - started)
             grad_norm = float(grad_norm) if grad_norm is not None else None
-            dash.update(state.step, loss, lr, n_tokens, grad_norm, ranks=per_rank)
+            dash.update(state.step, loss, lr, n_tokens, grad_norm, ranks=per_rank, useful_tokens=useful,
+                        computed_tokens=computed)
             if (ranks.is_main and config.save_every and state.step % config.save_every == 0
                     and state.step < config.max_steps):
                 dash.note(f"checkpoint saved to {saves.checkpoint()}")
@@ -259,11 +282,18 @@ def describe_run(model, dataset, config: TrainConfig, device, ranks=None) -> str
     rows_per_step = config.batch_size * config.grad_accum * world
     per_rank = f"{world} processes x " if world > 1 else ""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_step = (f"{rows_per_step} rows per step = {per_rank}batch {config.batch_size} x {config.grad_accum} "
+                f"accumulation; {len(dataset)} rows = {len(dataset) / rows_per_step:.1f} steps per epoch")
+    if config.packing:
+        length = pack_length(dataset, config.packing, config.pad_to_multiple_of)
+        tokens = sum(len(example["input_ids"]) for example in dataset)
+        per_step = (f"{rows_per_step} packed buffers of {length} tokens per step = {per_rank}batch "
+                    f"{config.batch_size} x {config.grad_accum} accumulation; {len(dataset)} rows of {tokens:,} "
+                    f"tokens = about {tokens / (rows_per_step * length):.1f} steps per epoch")
     return "\n".join([
         f"gemmatune: training {trainable:,} LoRA parameters on {device} for {config.max_steps} steps",
         *([f"  {ranks.describe()}"] if world > 1 else []),
-        f"  {rows_per_step} rows per step = {per_rank}batch {config.batch_size} x {config.grad_accum} accumulation; "
-        f"{len(dataset)} rows = {len(dataset) / rows_per_step:.1f} steps per epoch",
+        f"  {per_step}",
         f"  lr {config.learning_rate:g}, {config.warmup_steps} warmup steps then {config.lr_schedule}; "
         f"optimizer {config.optimizer}; clip {config.max_grad_norm}",
         f"  gradient checkpointing: {config.gradient_checkpointing}; fused loss: {config.fused_loss}; "

@@ -20,7 +20,8 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def test_a_cut_off_image_found_during_training_is_skipped_and_counted(tmp_path, tiny_dir, capsys):
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_cut_off_image_found_during_training_is_skipped_and_counted(tmp_path, tiny_dir, capsys, packing):
     rows = []
     for i in range(6):
         (tmp_path / f"{i}.png").write_bytes(_png(i))
@@ -33,7 +34,7 @@ def test_a_cut_off_image_found_during_training_is_skipped_and_counted(tmp_path, 
     data = (tmp_path / "3.png").read_bytes()
     (tmp_path / "3.png").write_bytes(data[:len(data) // 2])  # cut off after the dataset was prepared
     result = gemmatune.train(model, dataset, tokenizer, max_steps=4, batch_size=2, grad_accum=1, dashboard="text",
-                             output_dir=str(tmp_path / "out"))
+                             output_dir=str(tmp_path / "out"), packing=packing)
     assert result.status == "done" and result.state.step == 4
     assert result.rows_skipped == {"corrupt image": 1}
     out = capsys.readouterr().out

@@ -200,12 +200,12 @@ def test_each_rank_collates_its_own_part_of_every_micro_batch_one_process_would_
     from gemmatune.training.trainer import TrainConfig, micro_batches
 
     rows = [{"input_ids": [100 + i] * (1 + i % 3), "labels": [100 + i] * (1 + i % 3)} for i in range(9)]
-    config = TrainConfig(batch_size=2, pad_to_multiple_of=1)
+    config = TrainConfig(batch_size=2, pad_to_multiple_of=1, packing=False)  # rows (packed: test_packing.py)
 
     def first_tokens(batch):
         return [] if batch is None else batch["input_ids"][:, 0].tolist()
 
-    one = micro_batches(rows, TrainConfig(batch_size=4, pad_to_multiple_of=1), 0, epoch_seed=7)
+    one = micro_batches(rows, TrainConfig(batch_size=4, pad_to_multiple_of=1, packing=False), 0, epoch_seed=7)
     ranks = [micro_batches(rows, config, 0, epoch_seed=7, rank=r, world=2) for r in (0, 1)]
     seen = []
     for _ in range(6):  # two epochs of 9 rows: micro-batches of 4, 4 and 1 (rank 1 has none of the last)
