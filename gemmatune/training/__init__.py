@@ -8,8 +8,17 @@
     distributed.py  several GPUs: DDP's two collectives, ranks that stop together
     dashboard.py    the live dashboard (widget, text or off)
     trainer.py      train(): reads top to bottom
+
+Beside the loop, for people who train elsewhere:
+
+    preference.py   DPO: log-probabilities through the fused head, the reference = adapters disabled
+    hf_trainer.py   pieces for transformers' Trainer and TRL's SFTTrainer / DPOTrainer (collator, loss
+                    mixins, a callback saving portable adapters)
 """
 from gemmatune.training.config import TrainConfig, TrainResult, TrainState
+from gemmatune.training.hf_trainer import DataCollator, FusedDPOLoss, FusedLoss, SaveAdapter, as_hf_dataset, hand_back
+from gemmatune.training.preference import dpo_loss
 from gemmatune.training.trainer import train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainState", "train"]
+__all__ = ["DataCollator", "FusedDPOLoss", "FusedLoss", "SaveAdapter", "TrainConfig", "TrainResult", "TrainState",
+           "as_hf_dataset", "dpo_loss", "hand_back", "train"]
