@@ -34,7 +34,7 @@ from gemmatune.data import (
     prepare_dataset,
     show_example,
 )
-from gemmatune.export import export_gguf, merge_and_save
+from gemmatune.export import export_gguf, export_mmproj, export_modelfile, merge_and_save
 from gemmatune.generation import chat, generate_replies, score
 from gemmatune.model import (
     TINY_MODEL_ID,
@@ -51,7 +51,7 @@ from gemmatune.training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 __all__ = ["TINY_MODEL_ID", "TrainConfig", "TrainResult", "add_lora", "audio_to_text", "chat", "check_fits",
-           "choose_model_and_data", "data", "export", "export_gguf", "generate_replies", "generation",
-           "image_to_text", "load_adapter", "load_bundled_dataset", "load_hub_dataset", "load_model",
-           "merge_and_save", "model", "predict_peak_gib", "prepare_dataset", "save_adapter", "score", "show_example",
-           "train", "trainable_parameters", "training"]
+           "choose_model_and_data", "data", "export", "export_gguf", "export_mmproj", "export_modelfile",
+           "generate_replies", "generation", "image_to_text", "load_adapter", "load_bundled_dataset",
+           "load_hub_dataset", "load_model", "merge_and_save", "model", "predict_peak_gib", "prepare_dataset",
+           "save_adapter", "score", "show_example", "train", "trainable_parameters", "training"]
