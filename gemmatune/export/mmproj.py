@@ -19,11 +19,13 @@ writes it (`convert_hf_to_gguf.py --mmproj`: conversion/gemma.py `Gemma4VisionAu
 - names from gguf's MMPROJ name map; F32 for 1-D tensors, norms, convolutions, the position table, the
   patch embedding and the clamp bounds (input_min, ...); the other weights in the chosen type;
 - the metadata keys MmprojModel and Gemma4VisionAudioModel write (sizes, image mean/std, mel bins).
+One value may differ: the mel bins (see mel_bins), where the converter's default would make llama.cpp
+abort on a tower that reads other than 128.
 
 The merged folder is what merge_and_save wrote, so tower adapters (train_vision_tower /
 train_audio_tower) are merged into it and reach llama.cpp. Verified in tests/export/test_mmproj.py:
 names, shapes, types and metadata against the converter's rules in CI; with llama.cpp at hand, equal to
-the converter's own file and read by llama.cpp's mtmd to describe an image.
+the converter's own file, and read by llama.cpp's mtmd to answer about an image and an audio clip.
 """
 import json
 import os
@@ -72,7 +74,7 @@ def export_mmproj(merged_dir, path, quantization: str = "bf16", name: str | None
                          f"{config.get('model_type')!r}): llama.cpp's Gemma 4 projector needs one")
     vision, audio = dict(config["vision_config"], image_size=IMAGE_SIZE), config.get("audio_config") or None
     if audio:  # Gemma4VisionAudioModel's renames
-        audio = dict(audio, feat_in=audio.get("input_feat_size", 128))
+        audio = dict(audio, feat_in=mel_bins(audio))
         if "hidden_size" in audio:
             audio["intermediate_size"] = audio["hidden_size"] * 4
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,6 +125,15 @@ def write_hparams(writer, config: dict, vision: dict, audio: dict | None, mean_s
         writer.add_clip_audio_projector_type(gguf.VisionProjectorType.GEMMA4A)
         writer.add_audio_num_mel_bins(audio["feat_in"])
         writer.add_audio_attention_layernorm_eps(audio.get("layer_norm_eps", 1e-6))
+
+
+def mel_bins(audio: dict) -> int:
+    """The mel bins the audio tower reads: `input_feat_size` where the config has it, else what
+    transformers' Gemma 4 audio tower assumes (its input projection takes channels[0] // 4 x channels[1]
+    features after two stride-2 convolutions: channels[0] mel bins). The converter writes 128 whenever
+    input_feat_size is missing; for the released checkpoints (channels [128, 32]) both give 128, and for
+    other configs llama.cpp could not run the audio tower with 128 (the tiny model reads 32)."""
+    return audio.get("input_feat_size", audio.get("subsampling_conv_channels", [128])[0])
 
 
 def _first(config: dict, keys):

@@ -40,7 +40,8 @@ What each piece keeps of gemmatune.train, and why it is needed:
   model's forward; both are removed, so chat, merge_and_save and export_gguf see the model as
   gemmatune left it.
 
-What is lost next to gemmatune.train (README, "Using the adapter elsewhere", has the measurements):
+What is lost next to gemmatune.train (README, "Using the adapter elsewhere"; benchmarks/trainer_route.py
+measures speed and memory):
 one process only (the fused loss calls the model's parts, which DistributedDataParallel would not
 see: use gemmatune.train under torchrun), the dashboard, and the resumable checkpoints' exact data
 order; the Trainer's optimizer and schedule are its own (AdamW unless `optim` says otherwise).
@@ -97,6 +98,7 @@ class DataCollator:
         self.dataset = dataset
         self.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.has_media = dataset is not None and any("media" in row for row in dataset)
 
     def __call__(self, features: list[dict]) -> dict:
         return collate([self._row(f) for f in features], self.pad_token_id, self.pad_to_multiple_of)
@@ -106,7 +108,7 @@ class DataCollator:
         PreparedDataset handed to transformers' Trainer directly yields its rows)."""
         if ROW in feature and self.dataset is not None:
             return self.dataset[int(feature[ROW])]
-        if "media" not in feature and self.dataset is not None and any("media" in row for row in self.dataset):
+        if self.has_media and "media" not in feature:
             raise ValueError(f"the features reaching the collator have no {ROW!r} column, and the dataset holds "
                              "images or audio: pass remove_unused_columns=False in the trainer's config")
         return feature

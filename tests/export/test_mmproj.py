@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import gemmatune
-from gemmatune.export.mmproj import export_mmproj, image_mean_std
+from gemmatune.export.mmproj import export_mmproj, image_mean_std, mel_bins
 from tests.export.test_gguf import LLAMA_PYTHON, LLAMA_SRC, assert_same_gguf, field, run_converter
 
 gguf = pytest.importorskip("gguf")
@@ -94,6 +94,11 @@ def merged(tmp_path_factory, tiny_dir):
         os.environ.pop("GEMMATUNE_KERNELS") if saved is None else os.environ.__setitem__("GEMMATUNE_KERNELS", saved)
     # what the released checkpoints carry and the converter reads (the tiny model has no processor files)
     (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.0] * 3, "image_std": [1.0] * 3}))
+    # the converter writes input_feat_size as the mel bins (128 where it is missing, the released towers'
+    # width); the tiny audio tower reads 32, which llama.cpp needs to run it: say so in the config
+    config = json.loads((folder / "config.json").read_text())
+    config["audio_config"]["input_feat_size"] = config["audio_config"]["subsampling_conv_channels"][0]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     files = {q: export_mmproj(folder, out / f"mmproj-{q}.gguf", quantization=q) for q in ("bf16", "q8_0")}
     text = gemmatune.export_gguf(folder, out / "model-q8_0.gguf", quantization="q8_0")
     return {"dir": folder, "out": out, "files": files, "text": text, "model": model}
@@ -154,7 +159,8 @@ def test_the_metadata_is_what_llama_cpps_gemma4_projector_reads(merged):
         "clip.audio.projection_dim": text["hidden_size"], "clip.audio.embedding_length": audio["hidden_size"],
         "clip.audio.feed_forward_length": 4 * audio["hidden_size"],
         "clip.audio.block_count": audio["num_hidden_layers"],
-        "clip.audio.attention.head_count": audio["num_attention_heads"], "clip.audio.num_mel_bins": 128,
+        "clip.audio.attention.head_count": audio["num_attention_heads"],
+        "clip.audio.num_mel_bins": audio["subsampling_conv_channels"][0],
         "clip.audio.attention.layer_norm_epsilon": pytest.approx(1e-6), "general.quantization_version": 2,
     }
     assert {k: field(r, k) for k in want} == want
@@ -188,6 +194,13 @@ def test_a_folder_without_processor_files_gets_gemma4s_image_processor_values(tm
     assert image_mean_std(tmp_path) == ([0.5] * 3, [0.5] * 3)
 
 
+def test_the_mel_bins_are_what_the_audio_tower_reads():
+    released = {"subsampling_conv_channels": [128, 32]}  # transformers' Gemma4AudioConfig defaults
+    assert mel_bins(released) == 128  # what the converter writes for the released checkpoints too
+    assert mel_bins({"subsampling_conv_channels": [32, 16]}) == 32  # the tiny tower's
+    assert mel_bins({**released, "input_feat_size": 64}) == 64
+
+
 def test_a_checkpoint_without_a_vision_tower_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_text", "hidden_size": 64}))
     with pytest.raises(ValueError, match="vision tower"):
@@ -202,12 +215,29 @@ def test_our_projector_is_what_llama_cpps_converter_writes(merged, tmp_path, q):
     assert_same_gguf(gguf.GGUFReader(str(merged["files"][q])), theirs)
 
 
-@needs_llama_cpp
-def test_llama_cpps_mtmd_describes_an_image_with_our_files(merged, tmp_path):
-    image = gemmatune.load_bundled_dataset("formulas")[0]["image"]
+def llama_cpp_describe(merged, media: Path) -> dict:
     script = Path(__file__).with_name("llama_cpp_describe.py")
-    run = subprocess.run([LLAMA_PYTHON, str(script), str(merged["text"]), str(merged["files"]["bf16"]), str(image)],
+    run = subprocess.run([LLAMA_PYTHON, str(script), str(merged["text"]), str(merged["files"]["bf16"]), str(media)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["image_tokens"] > 0 and report["generated_tokens"] > 0, report
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@needs_llama_cpp
+def test_llama_cpps_mtmd_describes_an_image_with_our_files(merged):
+    report = llama_cpp_describe(merged, Path(gemmatune.load_bundled_dataset("formulas")[0]["image"]))
+    assert not report["audio"] and report["media_tokens"] > 0 and report["generated_tokens"] > 0, report
+
+
+@needs_llama_cpp
+def test_llama_cpps_mtmd_hears_a_clip_with_our_files(merged, tmp_path):
+    """Through llama.cpp's Gemma 4 audio tower; its token count is gemmatune's (25 a second)."""
+    import soundfile
+
+    from gemmatune.data.audio import audio_tokens
+
+    samples, rate = soundfile.read(gemmatune.load_bundled_dataset("speech")[0]["audio"])
+    soundfile.write(tmp_path / "clip.wav", samples, rate)  # llama.cpp reads WAV, MP3 and FLAC
+    report = llama_cpp_describe(merged, tmp_path / "clip.wav")
+    assert report["audio"] and report["generated_tokens"] > 0, report
+    assert report["media_tokens"] == audio_tokens(len(samples)), report
