@@ -1,8 +1,8 @@
 """DPO on E2B/E4B, pairs of 2 x 1024 tokens: gemmatune in TRL's DPOTrainer against the stock stack, same call.
 
-    python -m benchmarks.dpo_step --quick            # E2B and E4B, 3 timed steps: about 5 minutes on an H100/H200
-    python -m benchmarks.dpo_step                    # 10 timed steps
-    python -m benchmarks.dpo_step --cpu-smoke        # the tiny model on the CPU, one step per stack (no GPU)
+    python -m benchmarks.dpo_step --quick        # E2B and E4B, 3 timed steps: about 5 min on an H100 (estimated)
+    python -m benchmarks.dpo_step                # 10 timed steps
+    python -m benchmarks.dpo_step --cpu-smoke    # the tiny model on the CPU, one step per stack (no GPU)
 
 Both stacks run TRL's DPOTrainer (sigmoid DPO, beta 0.1, one pair per step: the chosen and the rejected
 sequence, each 1024 tokens after TRL's truncation), 8-bit AdamW (`optim="adamw_bnb_8bit"`), TRL's defaults
@@ -15,10 +15,13 @@ configs (benchmarks/gemma4_configs.py) and the same text pairs:
 - stock: AutoModelForCausalLM with bitsandbytes NF4 + double quant, SDPA, LoRA r=16 on q,k,v,o,gate,up,down
   through DPOTrainer's `peft_config`, and TRL's own reference handling (adapters disabled) and fused LM head.
 
-Each (model, stack) runs in its own subprocess (clean memory statistics). Reported: peak allocated GPU
-memory over the training steps, steps/s (pairs/s) over the timed steps after `warmup` untimed ones,
-the weights' GiB after loading, and the losses (the first is log 2 = 0.6931 for both: the adapters
-start at zero, so policy == reference). Writes benchmarks/results/<date>-<gpu>-dpo-step.json.
+gemmatune's process is capped at --cap-gib (7.5 GiB: an 8 GB card less its CUDA context, through
+torch.cuda.set_per_process_memory_fraction) with the checkpointing gemmatune picks for that much memory; the
+stock stack is not capped (its peak is what is measured). Each (model, stack) runs in its own subprocess
+(clean memory statistics). Reported: peak allocated GPU memory over the training steps, steps/s (pairs/s)
+over the timed steps after `warmup` untimed ones, the weights' GiB after loading, and the losses (the first
+is log 2 = 0.6931 for both: the adapters start at zero, so policy == reference). Writes
+benchmarks/results/<date>-<gpu>-dpo-step.json.
 """
 import argparse
 import json
@@ -85,22 +88,35 @@ def dpo_config(out: str, steps: int, max_length: int, cpu: bool):
                      bf16=not cpu)
 
 
-def gemmatune_trainer(ckpt: str, args, dataset, tokenizer_dir: str, callbacks, cpu: bool):
+def gemmatune_trainer(ckpt: str, args, dataset, callbacks, cpu: bool, cap_gib: float):
+    """gemmatune's model in DPOTrainer. With a cap, the process may allocate at most cap_gib (an 8 GB card less
+    its CUDA context) and checkpointing is what gemmatune picks for that much memory, not for this GPU's."""
     from trl import DPOTrainer
 
     import gemmatune
+    from gemmatune.model.activation_checkpointing import enable_gradient_checkpointing
+    from gemmatune.model.memory import choose_checkpointing
     from gemmatune.training import FusedDPOLoss
 
+    if cap_gib and not cpu:
+        torch.cuda.set_per_process_memory_fraction(cap_gib * GIB / torch.cuda.get_device_properties(0).total_memory)
     model, tokenizer = gemmatune.load_model(ckpt, max_seq_length=args.max_length, verbose=not cpu,
                                             **({"dtype": "float32"} if cpu else {}))
     weights = torch.cuda.memory_allocated() / GIB if not cpu else 0.0
     model = gemmatune.add_lora(model, r=16)
     trainer_class = type("GemmatuneDPO", (FusedDPOLoss, DPOTrainer), {})
-    return trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=callbacks), weights
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=callbacks)
+    if cap_gib and not cpu:
+        mode = choose_checkpointing(model, args.max_length, 2, free_gib=cap_gib)
+        enable_gradient_checkpointing(model, mode)
+        print(f"gemmatune: capped at {cap_gib} GiB: checkpointing {mode!r}")
+        trainer.checkpointing_mode = mode
+    return trainer, weights
 
 
-def stock_trainer(ckpt: str, args, dataset, tokenizer_dir: str, callbacks, cpu: bool):
+def stock_trainer(ckpt: str, args, dataset, callbacks, cpu: bool, cap_gib: float):
+    """TRL + peft + bitsandbytes as TRL's documentation sets them up; never capped (its peak is measured)."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOTrainer
@@ -114,7 +130,7 @@ def stock_trainer(ckpt: str, args, dataset, tokenizer_dir: str, callbacks, cpu: 
     weights = torch.cuda.memory_allocated() / GIB if not cpu else 0.0
     lora = LoraConfig(r=16, lora_alpha=16, target_modules=stock_lora_targets(model), task_type="CAUSAL_LM")
     return DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(
-        tokenizer_dir), peft_config=lora, callbacks=callbacks), weights
+        ckpt), peft_config=lora, callbacks=callbacks), weights
 
 
 def stock_lora_targets(model):
@@ -125,7 +141,7 @@ def stock_lora_targets(model):
     return LORA_TARGETS
 
 
-def run_stack(stack: str, ckpt: str, steps: int, warmup: int, max_length: int, cpu: bool) -> dict:
+def run_stack(stack: str, ckpt: str, steps: int, warmup: int, max_length: int, cpu: bool, cap_gib: float) -> dict:
     from datasets import Dataset
 
     dataset = Dataset.from_list(text_pairs(warmup + steps, max_length))
@@ -133,7 +149,7 @@ def run_stack(stack: str, ckpt: str, steps: int, warmup: int, max_length: int, c
     with tempfile.TemporaryDirectory() as out:
         args = dpo_config(out, warmup + steps, max_length, cpu)
         make = {"gemmatune": gemmatune_trainer, "stock": stock_trainer}[stack]
-        trainer, weights = make(ckpt, args, dataset, ckpt, [timer], cpu)
+        trainer, weights = make(ckpt, args, dataset, [timer], cpu, cap_gib)
         lengths = [len(trainer.train_dataset[0][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
         trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -144,12 +160,15 @@ def run_stack(stack: str, ckpt: str, steps: int, warmup: int, max_length: int, c
                 weights_gib=weights, steps_per_s=1 / per_step,
                 tokens_per_step=sum(min(max_length, lengths[0] + lengths[k]) for k in (1, 2)),
                 first_step_s=timer.step_seconds[0], step_seconds=timer.step_seconds, losses=losses,
-                loss_finite=all(math.isfinite(x) for x in losses), prompt_chosen_rejected_tokens=lengths)
+                loss_finite=all(math.isfinite(x) for x in losses), prompt_chosen_rejected_tokens=lengths,
+                cap_gib=cap_gib if stack == "gemmatune" and not cpu else None,
+                checkpointing=getattr(trainer, "checkpointing_mode", "the trainer's choice"))
 
 
 def worker(args) -> None:
     try:
-        result = run_stack(args.stack, args.ckpt, args.steps, args.warmup, args.max_length, args.cpu_smoke)
+        result = run_stack(args.stack, args.ckpt, args.steps, args.warmup, args.max_length, args.cpu_smoke,
+                           args.cap_gib)
     except torch.OutOfMemoryError as error:
         result = {"error": f"out of memory: {str(error)[:300]}"}
     print("RESULT " + json.dumps(result), flush=True)
@@ -164,6 +183,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (chosen, rejected)")
     parser.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up step")
     parser.add_argument("--cpu-smoke", action="store_true", help="the tiny model on the CPU, 1 step: checks the code")
+    parser.add_argument("--cap-gib", type=float, default=7.5,
+                        help="gemmatune's process may allocate at most this much (an 8 GB card); 0: no cap")
     parser.add_argument("--worker-timeout", type=int, default=240)
     parser.add_argument("--ckpt-root", default="/tmp/gemmatune-bench")
     parser.add_argument("--out", default=None)
@@ -185,7 +206,8 @@ def main() -> None:
         folder = checkpoint(model, Path(args.ckpt_root))
         for stack in args.stacks:
             cmd = [sys.executable, "-m", "benchmarks.dpo_step", "--worker", "--stack", stack, "--ckpt", str(folder),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length),
+                   "--cap-gib", str(args.cap_gib)]
             cmd += ["--cpu-smoke"] if args.cpu_smoke else []
             try:
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.worker_timeout,

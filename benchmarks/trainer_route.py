@@ -1,8 +1,8 @@
 """What fine-tuning through TRL's SFTTrainer keeps of gemmatune.train: speed and memory, same call.
 
-    python -m benchmarks.trainer_route --quick        # E2B, 2048 tokens, 6 timed steps: about 3 minutes on an H100/H200
-    python -m benchmarks.trainer_route                # E2B and E4B, 10 timed steps, plus the variants below
-    python -m benchmarks.trainer_route --cpu-smoke    # the tiny model on the CPU (no GPU)
+    python -m benchmarks.trainer_route --quick      # E2B, 2048 tokens, 6 timed steps: about 3 min (estimated)
+    python -m benchmarks.trainer_route              # E2B and E4B, 10 timed steps, plus the variants below
+    python -m benchmarks.trainer_route --cpu-smoke  # the tiny model on the CPU (no GPU)
 
 The same random-weight checkpoint (benchmarks/gemma4_configs.py), batch 1 of random tokens, every token
 trained, gemmatune.load_model (NF4) + add_lora(r=16), 8-bit AdamW; each run in its own subprocess:

@@ -119,6 +119,8 @@ class _GemmatuneModel:
     """What both mixins do when the trainer is built: give the model back its parameter dtypes and
     gemmatune's activation checkpointing, and refuse what the fused loss cannot serve."""
 
+    rows_per_example = 1  # sequences the model runs per dataset example (a DPO pair: 2)
+
     def __init__(self, *args, **kwargs):
         model = kwargs.get("model", args[0] if args else None)
         if not isinstance(model, nn.Module):
@@ -144,7 +146,7 @@ class _GemmatuneModel:
         if hook is not None:  # TRL's enable_input_require_grads: only reentrant checkpointing needs it
             model.disable_input_require_grads()
         longest = getattr(model, "gemmatune_max_seq_length", None) or 2048
-        mode = choose_checkpointing(model, longest, self.args.per_device_train_batch_size)
+        mode = choose_checkpointing(model, longest, self.args.per_device_train_batch_size * self.rows_per_example)
         enable_gradient_checkpointing(model, mode)
         print(f"gemmatune: activation checkpointing is gemmatune's ({mode!r}), not the trainer's")
 
@@ -195,6 +197,8 @@ class FusedDPOLoss(_GemmatuneModel):
     with its adapters disabled, under no_grad. Only `loss_type="sigmoid"` (DPO's own) is served; the
     trainer's reward metrics are logged, its logit metrics are not (there are no logits).
     """
+
+    rows_per_example = 2  # the chosen and the rejected sequence
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

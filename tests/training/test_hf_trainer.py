@@ -35,8 +35,8 @@ def tiny_fine_tune(seed=1, **kwargs):
     return model, tokenizer
 
 
-def answer_rows(tokenizer, n=4):
-    prepared = gemmatune.prepare_dataset("bundled", tokenizer, max_seq_length=80)
+def answer_rows(tokenizer, n=4, max_seq_length=80):
+    prepared = gemmatune.prepare_dataset("bundled", tokenizer, max_seq_length=max_seq_length)
     prepared.examples, prepared.truncated = prepared.examples[:n], prepared.truncated[:n]
     return prepared
 
@@ -199,3 +199,30 @@ def test_a_model_name_is_refused(tmp_path):
 
 if os.environ.get("GEMMATUNE_KERNELS") == "0":  # the fused kernel is what these tests watch
     pytestmark = pytest.mark.skip("GEMMATUNE_KERNELS=0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graph_replays_in_the_trainer_match_its_eager_steps(tmp_path):
+    """On a GPU, FusedLoss's micro-steps are captured and replayed as CUDA graphs (4 micro-batches of one
+    shape: eager, capture, replay, replay); the LoRA gradients of each optimizer step equal the eager run's."""
+    from tests.helpers import assert_graphed_steps_match_eager
+
+    results = {}
+    for graphs in (False, True):
+        model, tokenizer = load_tiny(load_in_4bit=True, dtype="bfloat16", device="cuda")
+        model = gemmatune.add_lora(model, r=8)
+        randomize_lora(model, 0)
+        rows = answer_rows(tokenizer, n=8, max_seq_length=64)  # every batch (2, 64): one shape, replayed
+        grads = GradsBeforeStep()
+        trainer = type("Trainer", (hf_trainer.FusedLoss, trl.SFTTrainer), {"cuda_graphs": graphs})(
+            model=model, processing_class=tokenizer, train_dataset=hf_trainer.as_hf_dataset(rows),
+            data_collator=hf_trainer.DataCollator(rows, tokenizer), callbacks=[grads],
+            args=trl.SFTConfig(output_dir=str(tmp_path / f"out-{graphs}"), max_steps=2, per_device_train_batch_size=2,
+                               gradient_accumulation_steps=2, learning_rate=0.0, report_to=[], save_strategy="no",
+                               remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True},
+                               disable_tqdm=True, max_grad_norm=0, seed=0))
+        trainer.train()
+        assert ("on" in trainer._micro_step.describe()) == graphs, trainer._micro_step.describe()
+        results[graphs] = [torch.zeros(())] * len(grads.steps), grads.steps
+    assert_graphed_steps_match_eager(results)
