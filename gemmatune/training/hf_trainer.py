@@ -138,9 +138,11 @@ class _GemmatuneModel:
         """The trainers' activation checkpointing (on by default in TRL) would replace gemmatune's
         offloading one when training starts: switch theirs off and, if it was asked for, turn
         gemmatune's on (chosen for this GPU, as gemmatune.train does)."""
-        if not self.args.activation_checkpointing:
+        names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(self.args, n)]
+        if not any(getattr(self.args, n) for n in names):  # older transformers: the second name only
             return
-        self.args.activation_checkpointing = self.args.gradient_checkpointing = False
+        for name in names:
+            setattr(self.args, name, False)
         hook = getattr(model.get_base_model() if hasattr(model, "get_base_model") else model,
                        "_require_grads_hook", None)
         if hook is not None:  # TRL's enable_input_require_grads: only reentrant checkpointing needs it
