@@ -31,7 +31,7 @@ _drop_bitsandbytes_cpu_kernel_notice()
 _STAGE_OF = {
     "audio_to_text": "data", "image_to_text": "data", "load_bundled_dataset": "data", "load_bundled_prompts": "data",
     "load_hub_dataset": "data", "prepare_dataset": "data", "show_example": "data",
-    "export_gguf": "export", "merge_and_save": "export",
+    "export_gguf": "export", "export_mmproj": "export", "export_modelfile": "export", "merge_and_save": "export",
     "chat": "generation", "generate_replies": "generation", "score": "generation", "stream_reply": "generation",
     "TINY_MODEL_ID": "model", "add_lora": "model", "check_fits": "model", "choose_model_and_data": "model",
     "load_adapter": "model", "load_model": "model", "predict_peak_gib": "model", "save_adapter": "model",

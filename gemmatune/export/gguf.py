@@ -6,8 +6,8 @@ What is written is what llama.cpp's own converter writes for `Gemma4ForCondition
 (convert_hf_to_gguf.py: conversion/gemma.py `Gemma4Model` over `Gemma3Model` and `TextModel` in
 conversion/base.py, llama.cpp as vendored by llama-cpp-python 0.3.36): architecture "gemma4", its
 hyperparameter keys, tensor names from gguf's own Gemma 4 name map, a `rope_freqs` tensor for the full
-layers' proportional RoPE, 1-D tensors and norms in F32, the rest in BF16 or Q8_0, the towers left out.
-The vision/audio projector file (mmproj) is not written: nothing here could check it.
+layers' proportional RoPE, 1-D tensors and norms in F32, the rest in BF16 or Q8_0, the towers left out:
+they go to llama.cpp's projector file, which gemmatune/export/mmproj.py writes (export_mmproj).
 
 Tokenizer: Gemma 4's own (a SentencePiece-style BPE) is written as the converter writes it
 ("gemma4", gguf's LlamaHfVocab and SpecialVocab); a byte-level BPE such as the tiny model's is
@@ -47,7 +47,7 @@ def export_gguf(merged_dir, path, quantization: str = "q8_0", name: str | None =
         name: the model name written into the file (default: the folder's name).
 
     Returns:
-        The file's path. The towers are not written (see the module docstring).
+        The file's path. The towers are not in it: export_mmproj writes them (llama.cpp's --mmproj file).
 
     Raises:
         ValueError: an unknown quantization, or a folder that is not a dense Gemma 4.

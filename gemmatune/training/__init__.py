@@ -15,12 +15,21 @@
     grpo_loss.py    the GRPO objective: group advantages, clipped surrogate, KL estimator, token-level sum
     rollouts.py     GRPO rollouts: sampled groups of completions, rewards, training micro-batches
     grpo.py         train_grpo(): reinforcement learning with reward functions, reads top to bottom
+
+Beside the loop, for people who train elsewhere:
+
+    preference.py   DPO: log-probabilities through the fused head, the reference = adapters disabled
+    hf_trainer.py   pieces for transformers' Trainer and TRL's SFTTrainer / DPOTrainer (collator, loss
+                    mixins, a callback saving portable adapters)
 """
 from gemmatune.training.config import TrainConfig, TrainResult, TrainState
 from gemmatune.training.dashboard import text_loading_bars
 from gemmatune.training.grpo import GRPOConfig, GRPOResult, train_grpo
+from gemmatune.training.hf_trainer import DataCollator, FusedDPOLoss, FusedLoss, SaveAdapter, as_hf_dataset, hand_back
+from gemmatune.training.preference import dpo_loss
 from gemmatune.training.saving import SaveError
 from gemmatune.training.trainer import train
 
-__all__ = ["GRPOConfig", "GRPOResult", "SaveError", "TrainConfig", "TrainResult", "TrainState", "text_loading_bars",
+__all__ = ["DataCollator", "FusedDPOLoss", "FusedLoss", "GRPOConfig", "GRPOResult", "SaveAdapter", "SaveError",
+           "TrainConfig", "TrainResult", "TrainState", "as_hf_dataset", "dpo_loss", "hand_back", "text_loading_bars",
            "train", "train_grpo"]
