@@ -215,7 +215,7 @@ def test_load_model_says_what_to_do(tmp_path, tiny_dir):
 def test_an_unreachable_hub_fails_at_once(monkeypatch, tmp_path):
     import time
 
-    monkeypatch.setattr(model_loader, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(model_loader, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
     start = time.monotonic()
     with pytest.raises(ModelLoadError, match="not reachable from here.*TINY_MODEL_ID"):

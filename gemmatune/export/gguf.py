@@ -77,6 +77,12 @@ def export_gguf(merged_dir, path, quantization: str = "q8_0", name: str | None =
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_tokenizer(writer, merged_dir)
     write_tensors(writer, merged_dir, hparams, quantization, _tokenizer_size(merged_dir))
+    return finish_gguf(writer, tmp, path)
+
+
+def finish_gguf(writer, tmp: Path, path: Path) -> Path:
+    """Write the file a GGUFWriter holds (header, metadata, tensors) to `tmp` and move it into place
+    at `path`, keeping a file already there as `<name>.previous-K`."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -160,7 +166,7 @@ def write_tensors(writer, merged_dir: Path, hp: dict, quantization: str, n_vocab
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, hp["num_hidden_layers"])
     writer.add_tensor("rope_freqs.weight", rope_freqs(hp), raw_dtype=gguf.GGMLQuantizationType.F32)
-    for file in _weight_files(merged_dir):
+    for file in weight_files(merged_dir):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 name = _text_name(key)
@@ -192,17 +198,17 @@ def _encode(tensor_slice, rows: int, qtype) -> np.ndarray:
 
     shape = tensor_slice.get_shape()
     if len(shape) <= 1:
-        return gguf.quants.quantize(_as_float32(tensor_slice[:]).reshape(shape or [1]), qtype)
+        return gguf.quants.quantize(as_float32(tensor_slice[:]).reshape(shape or [1]), qtype)
     out = None
     for start in range(0, rows, ROWS_PER_CHUNK):
-        chunk = gguf.quants.quantize(_as_float32(tensor_slice[start:min(rows, start + ROWS_PER_CHUNK)]), qtype)
+        chunk = gguf.quants.quantize(as_float32(tensor_slice[start:min(rows, start + ROWS_PER_CHUNK)]), qtype)
         if out is None:
             out = np.empty((rows, *chunk.shape[1:]), dtype=chunk.dtype)
         out[start:start + len(chunk)] = chunk
     return out
 
 
-def _as_float32(tensor: torch.Tensor) -> np.ndarray:
+def as_float32(tensor: torch.Tensor) -> np.ndarray:
     """float16 and float32 stay as they are; anything else (bfloat16) becomes float32, as in the converter."""
     return (tensor if tensor.dtype in (torch.float16, torch.float32) else tensor.to(torch.float32)).numpy()
 
@@ -231,7 +237,7 @@ def _tokenizer_size(folder: Path) -> int:
     return len(tokenizer_json["model"]["vocab"]) + len(tokenizer_json["added_tokens"])
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return [folder / f for f in dict.fromkeys(json.loads(index.read_text())["weight_map"].values())]

@@ -31,8 +31,7 @@ import json
 import os
 from pathlib import Path
 
-from gemmatune.export.gguf import QUANTIZATIONS, _as_float32, _weight_files
-from gemmatune.files import publish
+from gemmatune.export.gguf import QUANTIZATIONS, as_float32, finish_gguf, weight_files
 
 # general.file_type (llama.h's llama_ftype) per quantization
 FILE_TYPES = {"bf16": 32, "q8_0": 7}
@@ -85,14 +84,7 @@ def export_mmproj(merged_dir, path, quantization: str = "bf16", name: str | None
     write_hparams(writer, config, vision, audio, image_mean_std(merged_dir), FILE_TYPES[quantization])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_tensors(writer, merged_dir, audio is not None, quantization)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    kept = publish(tmp, path)
-    if kept is not None:
-        print(f"gemmatune: {path} already existed; the earlier file is kept as {kept}")
-    return path
+    return finish_gguf(writer, tmp, path)
 
 
 # ------------------------------------------------------------------ metadata
@@ -160,7 +152,7 @@ def write_tensors(writer, merged_dir: Path, with_audio: bool, quantization: str)
     from safetensors import safe_open
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, BLOCKS_BOTH_ENCODERS)
-    for file in _weight_files(merged_dir):
+    for file in weight_files(merged_dir):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 if "language_model." in key or (not with_audio and is_audio(key)):
@@ -172,7 +164,7 @@ def write_tensors(writer, merged_dir: Path, with_audio: bool, quantization: str)
                 new_name = name_map.get_name(hf_name, try_suffixes=CLAMP_SUFFIXES)
                 if new_name is None:
                     raise ValueError(f"no projector name for {key!r}: not a Gemma 4 tower tensor llama.cpp knows")
-                data = _as_float32(tensor) if tensor.dtype != torch.float16 else tensor.numpy()
+                data = as_float32(tensor) if tensor.dtype != torch.float16 else tensor.numpy()
                 qtype = tensor_type(key, new_name, data.ndim, quantization)
                 try:
                     raw = gguf.quants.quantize(data, qtype)

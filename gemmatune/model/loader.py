@@ -18,7 +18,6 @@ tokenizer carries the audio feature extractor that matches the loaded tower
 features of the width the tower takes: 128 for the released checkpoints, 32 for the tiny one.
 """
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, BitsAndBytesConfig
 from transformers.models.gemma4 import modeling_gemma4 as hf_gemma4
 
+from gemmatune.data.rows import hub_reachable
 from gemmatune.errors import ModelLoadError
 from gemmatune.model import ple, towers
 from gemmatune.model.device import is_main_process, local_device
@@ -113,7 +113,7 @@ def load_config(model_id: str, path: str, **hub_kwargs):
     elif _looks_like_a_path(path):
         raise ModelLoadError(f"no model folder {path!r} (relative paths start from {os.getcwd()}): check the "
                              "path, or pass a hub id such as 'google/gemma-4-E2B-it'")
-    elif not hub_kwargs.get("local_files_only") and not _hub_reachable():
+    elif not hub_kwargs.get("local_files_only") and not hub_reachable():
         hub_kwargs = {**hub_kwargs, "local_files_only": True}  # no network: the cache or nothing, at once
     try:
         return AutoConfig.from_pretrained(path, **hub_kwargs), hub_kwargs
@@ -140,21 +140,6 @@ def _check_model_folder(model_id: str, folder: Path) -> None:
 def _looks_like_a_path(name: str) -> bool:
     """A name that cannot be a hub id ('name' or 'owner/name')."""
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).is_file()
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub's host answers at all (a TCP connection, nothing sent)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
-    try:
-        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
-                                 timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def pick_device(device: str | None = None) -> torch.device:
